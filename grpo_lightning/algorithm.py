@@ -1,0 +1,184 @@
+"""GRPO's mathematics as pure torch functions (no Lightning, no models).
+
+Shape vocabulary, used everywhere in this project:
+
+    B  prompts per step        G  completions per prompt (the group)     N = B·G sequences
+    T  completion tokens       V  vocabulary                              H  hidden size
+
+Rows are grouped by prompt: sequences ``g·G … g·G + G − 1`` are the G completions of prompt ``g``.
+
+One step of GRPO (Shao et al., 2024, "DeepSeekMath", Algorithm 1), as this module computes it:
+
+    A_i     = (r_i − mean(r_group)) / (std(r_group) + eps)                    group_advantages
+    w_i,t   = exp(log π_θ(o_i,t) − log π_old(o_i,t))                           policy_loss
+    l_i,t   = −min(w·A_i, clip(w, 1 − ε_low, 1 + ε_high)·A_i) + β·KL_i,t         policy_loss
+    KL_i,t  = exp(ref − logp) − (ref − logp) − 1    (Schulman's k3 estimator)   kl_k3
+    loss    = Σ_i,t weight_i,t · l_i,t                                          loss_weights
+
+What it leaves out: no value function, no entropy bonus, no reward model (rewards are functions).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+AdvantageScale = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+_MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: large enough to be exact in practice, small enough to stay finite
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # [N]
+    group_size: int,
+    scale: AdvantageScale = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:  # [N]
+    """Group-relative advantages: each reward minus its group's mean, divided by a standard deviation.
+
+    ``scale="group"`` divides by the group's std (the paper), ``"batch"`` by the std over all N rewards
+    (more robust when a group's rewards are nearly equal), ``"none"`` only centres (Dr. GRPO). Stds are
+    Bessel-corrected. A group whose rewards are all equal gets advantages of exactly 0.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    n = rewards.numel()
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_advantages: group_size={group_size} does not divide the number of rewards N={n}")
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        std = std.expand_as(grouped).reshape(-1)
+    elif scale == "batch":
+        std = rewards.std(unbiased=True) if n > 1 else rewards.new_zeros(())
+    else:
+        raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))  # equal rewards: 0, even at eps=0
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [N, T, V]
+    tokens: torch.Tensor,  # [N, T]
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:  # [N, T] float32
+    """Log-probabilities of the taken ``tokens`` under ``softmax(logits / temperature)``.
+
+    Works on ``chunk_size`` rows of ``N·T`` at a time, so at most ``chunk_size × V`` float32 values exist
+    at once instead of a full float32 ``[N, T, V]`` log-softmax (7.8 GB for Qwen at N=64, T=200).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"token_logprobs: logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # [N·T, V]
+    flat_tokens = tokens.reshape(-1)  # [N·T]
+    out = []
+    for start in range(0, flat_tokens.numel(), chunk_size):
+        chunk = flat_logits[start : start + chunk_size].float() / temperature  # [c, V]
+        taken = chunk.gather(-1, flat_tokens[start : start + chunk_size, None]).squeeze(-1)
+        out.append(taken - torch.logsumexp(chunk, dim=-1))
+    if not out:
+        return logits.new_zeros(tokens.shape, dtype=torch.float32)
+    return torch.cat(out).view(tokens.shape)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:  # [N, T] → [N, T]
+    """Per-token KL(π_θ ‖ π_ref) estimate ``exp(d) − d − 1`` with ``d = ref − logp``: unbiased, ≥ 0.
+
+    ``d`` is clamped to ±20 so a token the reference finds impossible gives a large finite value, not inf.
+    """
+    delta = (ref_logp - logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(delta) - delta - 1.0
+
+
+def loss_weights(
+    mask: torch.Tensor,  # [N, T]
+    loss_type: LossType = "grpo",
+    *,
+    max_completion_length: int | None = None,
+    num_tokens: float | None = None,
+) -> torch.Tensor:  # [N, T]
+    """The normalisation of each token's loss, so that ``loss = Σ weight · per_token_loss``.
+
+    - ``"grpo"``: mean over each sequence's tokens, then mean over sequences (the paper; favours short
+      wrong answers and long right ones — the length bias Dr. GRPO points out).
+    - ``"bnpo"``: sum over all tokens / number of tokens in this batch.
+    - ``"dr_grpo"``: sum / (N · max_completion_length): a constant, so no length bias.
+    - ``"dapo"``: sum / ``num_tokens``, the token count of the *global* batch (all micro-batches and
+      processes); defaults to this batch's count.
+
+    Computing weights once for a whole step and slicing them per micro-batch makes gradient accumulation
+    exact for every loss type.
+    """
+    mask = mask.float()
+    n = mask.shape[0]
+    if loss_type == "grpo":
+        return mask / (n * mask.sum(dim=1, keepdim=True).clamp(min=1.0))
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_weights: loss_type='dr_grpo' needs max_completion_length")
+        return mask / (n * max_completion_length)
+    if loss_type == "dapo":
+        total = mask.sum() if num_tokens is None else torch.as_tensor(float(num_tokens))
+        return mask / total.clamp(min=1.0)
+    raise ValueError(f"loss_weights: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def policy_loss(
+    logp: torch.Tensor,  # [N, T] current policy, with grad
+    old_logp: torch.Tensor,  # [N, T] policy that sampled the rollouts (no grad)
+    advantages: torch.Tensor,  # [N]
+    mask: torch.Tensor,  # [N, T] 1 for completion tokens that count
+    *,
+    ref_logp: torch.Tensor | None = None,  # [N, T] frozen reference; needed when beta > 0
+    beta: float = 0.04,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_type: LossType = "grpo",
+    max_completion_length: int | None = None,
+    weights: torch.Tensor | None = None,  # [N, T] from loss_weights over a larger batch
+    token_scale: torch.Tensor | None = None,  # [N, T] e.g. truncated importance-sampling ratios
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's clipped surrogate with a k3 KL penalty; returns ``(loss, stats)``.
+
+    The defaults reproduce the notebook's TRL run (β 0.04, ε 0.2, "grpo"). Pass ``weights`` when this
+    batch is a micro-batch of a step (see :func:`loss_weights`). ``stats`` holds detached, token-averaged
+    ``kl``, ``clip_ratio_low`` (ratio below ``1 − ε_low`` with A < 0) and ``clip_ratio_high`` (ratio above
+    ``1 + ε_high`` with A > 0), and ``num_tokens``.
+
+    With one iteration and ``old_logp = logp.detach()`` the ratio is 1, so the loss *value* is just β·KL
+    (≈ 0 at step 1) while its gradient is ``−A · ∇logp`` per token: learning happens anyway.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ValueError("policy_loss: beta > 0 needs ref_logp from the reference model")
+    mask = mask.float()
+    adv = advantages.view(-1, 1).to(logp.dtype)  # [N, 1]
+    ratio = torch.exp((logp - old_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # [N, T]
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, T]
+    if token_scale is not None:
+        per_token = per_token * token_scale
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta > 0:
+        per_token = per_token + beta * kl
+    if weights is None:
+        weights = loss_weights(mask, loss_type, max_completion_length=max_completion_length)
+    loss = (per_token * weights).sum()
+
+    with torch.no_grad():
+        num_tokens = mask.sum()
+        denom = num_tokens.clamp(min=1.0)
+        stats = {
+            "kl": (kl * mask).sum() / denom,
+            "clip_ratio_low": (((ratio < 1.0 - epsilon_low) & (adv < 0)).float() * mask).sum() / denom,
+            "clip_ratio_high": (((ratio > 1.0 + epsilon_high) & (adv > 0)).float() * mask).sum() / denom,
+            "num_tokens": num_tokens,
+        }
+    return loss, stats

@@ -1,0 +1,115 @@
+"""Callbacks: Hugging Face export of the policy, and a table of sample completions.
+
+bf16 comes from ``trainer.precision``, the cosine schedule from the module, checkpoints from Lightning's
+``ModelCheckpoint`` and the learning-rate curve from ``LearningRateMonitor``: no callback of ours needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from grpo_lightning.export import save_hf_folder
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save intervals.
+
+    Lightning saves on every ``every_n_train_steps`` only, so a run stopping at ``max_steps`` = 60 with
+    checkpoints every 50 would otherwise resume from step 50.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class HFExport(L.Callback):
+    """Write the policy as a ``save_pretrained`` folder (safetensors, tokenizer, generation config).
+
+    At the end of training into ``dirpath``; with ``every_checkpoint`` also next to each checkpoint, as
+    ``dirpath/step-<N>``. Writes are atomic: the folder is always a complete export.
+    """
+
+    def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False) -> None:
+        """
+        Args:
+            dirpath: Folder of the final export (relative paths are under the trainer's default_root_dir).
+            every_checkpoint: Also export at every checkpoint save, as dirpath/step-<N>.
+        """
+        self.dirpath = dirpath
+        self.every_checkpoint = every_checkpoint
+
+    def _resolve(self, trainer: L.Trainer) -> Path:
+        path = Path(self.dirpath)
+        return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+    @rank_zero_only
+    def export(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> Path:
+        policy = pl_module.policy
+        dtype = next(policy.parameters()).dtype
+        policy.config.dtype = str(dtype).removeprefix("torch.")
+        save_hf_folder(policy, pl_module.tokenizer, out_dir)
+        rank_zero_info(f"HF export written to {out_dir}")
+        return out_dir
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if self.every_checkpoint:
+            self.export(trainer, pl_module, self._resolve(trainer) / f"step-{trainer.global_step}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.export(trainer, pl_module, self._resolve(trainer))
+
+
+class SampleTable(L.Callback):
+    """Show the module's latest sample completions on the console and send them to the logger.
+
+    Weights & Biases gets a table; other loggers get ``samples.jsonl`` in their log directory.
+    """
+
+    def __init__(self, console: bool = True, max_chars: int = 300) -> None:
+        """
+        Args:
+            console: Also print the samples.
+            max_chars: Completions longer than this are shortened on the console.
+        """
+        self.console = console
+        self.max_chars = max_chars
+        self._seen_step = -1
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        rows = getattr(pl_module, "last_samples", [])
+        if not rows or rows[0]["step"] == self._seen_step:
+            return
+        self._seen_step = rows[0]["step"]
+        if self.console:
+            rank_zero_info(self.format(rows))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = list(rows[0])
+                logger.log_table("samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=trainer.global_step)
+            elif logger.log_dir:
+                os.makedirs(logger.log_dir, exist_ok=True)
+                with open(os.path.join(logger.log_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def format(self, rows: list[dict[str, Any]]) -> str:
+        lines = [f"── samples at step {rows[0]['step']} " + "─" * 40]
+        for r in rows:
+            text = r["completion"] if len(r["completion"]) <= self.max_chars else r["completion"][: self.max_chars] + " …"
+            lines += [
+                f"Q: {r['question']}",
+                f"expected: {r['expected']}  extracted: {r['extracted']!r}  reward: {r['reward']:.3f}",
+                f"completion: {text!r}",
+                "",
+            ]
+        return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""GSM8K problems, prompts and the DataModule that serves them.
+
+A row is ``{"question": str, "answer": str}`` where the answer ends with ``#### <number>`` (GSM8K's
+format). Rows come from the Hub (``openai/gsm8k``, config ``main``), a local JSONL/Parquet file with the
+same fields, or a seeded synthetic generator for offline demos. Each becomes a :class:`Problem` whose
+``answer`` is the reference number (``extract_hash_answer``) the reward functions compare against.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from grpo_lightning.rewards import SYSTEM_PROMPT, extract_hash_answer
+
+OnBadRow = Literal["skip", "raise"]
+OnLongPrompt = Literal["truncate", "raise"]
+SYNTHETIC = "synthetic"
+HUB_OFFLINE_HELP = (
+    "The Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1 is set). Pass a local path instead "
+    "(e.g. ../shared/data/gsm8k/train.jsonl or a downloaded folder), or unset HF_HUB_OFFLINE when online."
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its reference answer (the number after ``####``)."""
+
+    question: str
+    answer: str
+    index: int
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and row."""
+
+
+def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """Rows from a local ``.jsonl``/``.json``/``.parquet`` file, or a Hub dataset name (config ``main``)."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        return _load_local(path)
+    try:
+        import datasets
+
+        return [dict(row) for row in datasets.load_dataset(source, "main", split=split)]
+    except Exception as err:
+        if _is_offline_error(err):
+            raise DataError(f"cannot load dataset {source!r} (split {split!r}). {HUB_OFFLINE_HELP}") from err
+        raise
+
+
+def _is_offline_error(err: Exception) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return any(word in text for word in ("offline", "connection", "resolve", "couldn't reach", "network", "timed out"))
+
+
+def _load_local(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object")
+            rows.append(row)
+    return rows
+
+
+def to_problems(rows: Iterable[dict[str, Any]], *, on_bad_row: OnBadRow = "skip", source: str = "data") -> list[Problem]:
+    """Keep rows with a non-empty question and a ``####`` answer; report the others by row index.
+
+    ``on_bad_row="skip"`` warns once with every bad row's index; ``"raise"`` stops at the first one.
+    """
+    problems, bad = [], []
+    for index, row in enumerate(rows):
+        question = row.get("question") if isinstance(row, dict) else None
+        answer_text = row.get("answer") if isinstance(row, dict) else None
+        reason = None
+        if not isinstance(question, str) or not question.strip():
+            reason = "missing or empty 'question'"
+        elif not isinstance(answer_text, str) or extract_hash_answer(answer_text) in (None, ""):
+            reason = "'answer' has no '#### <number>'"
+        if reason:
+            if on_bad_row == "raise":
+                raise DataError(f"{source}: row {index}: {reason}")
+            bad.append((index, reason))
+            continue
+        problems.append(Problem(question=question.strip(), answer=extract_hash_answer(answer_text), index=index))
+    if bad:
+        shown = ", ".join(f"row {i} ({r})" for i, r in bad[:20])
+        warnings.warn(f"{source}: skipped {len(bad)} bad rows: {shown}{' …' if len(bad) > 20 else ''}", stacklevel=2)
+    if not problems:
+        raise DataError(f"{source}: no usable rows (need 'question' and an 'answer' ending with '#### <number>')")
+    return problems
+
+
+_NAMES = ("Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo")
+_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "shells")
+
+
+def synthetic_rows(n: int, seed: int = 0, max_value: int = 20) -> list[dict[str, str]]:
+    """``n`` GSM8K-style word problems with integer answers, deterministic for a seed (offline demos)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a, b = rng.randint(1, max_value), rng.randint(1, max_value)
+        kind = rng.randrange(3)
+        if kind == 0:
+            q, steps, ans = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?", f"{a}+{b}", a + b
+        elif kind == 1:
+            a, b = max(a, b), min(a, b)
+            q, steps, ans = f"{name} had {a} {item} and gave away {b}. How many {item} are left?", f"{a}-{b}", a - b
+        else:
+            q, steps, ans = f"{name} buys {a} bags with {b} {item} in each. How many {item} is that?", f"{a}*{b}", a * b
+        rows.append({"question": q, "answer": f"{steps} = <<{steps}={ans}>>{ans}\n#### {ans}"})
+    return rows
+
+
+def prompt_messages(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The conversation a question becomes: the system prompt, then the question as the user turn."""
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+
+
+def encode_prompt(
+    tokenizer: Any,
+    question: str,
+    *,
+    system_prompt: str = SYSTEM_PROMPT,
+    max_prompt_length: int | None = None,
+    on_long_prompt: OnLongPrompt = "truncate",
+) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant turn's header.
+
+    A prompt longer than ``max_prompt_length`` keeps its last tokens (the question's end and the
+    assistant header, which generation needs) with a warning, or raises with ``on_long_prompt="raise"``.
+    """
+    ids = tokenizer.apply_chat_template(
+        prompt_messages(question, system_prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    ids = list(ids)
+    if max_prompt_length and len(ids) > max_prompt_length:
+        message = f"prompt of {len(ids)} tokens exceeds max_prompt_length={max_prompt_length}: {question[:60]!r}…"
+        if on_long_prompt == "raise":
+            raise DataError(message)
+        warnings.warn(message + " (left-truncated)", stacklevel=2)
+        ids = ids[-max_prompt_length:]
+    return ids
+
+
+class ProblemDataset(Dataset):
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, i: int) -> Problem:
+        return self.problems[i]
+
+
+def collate_problems(problems: list[Problem]) -> dict[str, list]:
+    """A batch is columns, as TRL passes them to reward functions."""
+    return {
+        "question": [p.question for p in problems],
+        "answer": [p.answer for p in problems],
+        "index": [p.index for p in problems],
+    }
+
+
+class GSM8KDataModule(L.LightningDataModule):
+    """GSM8K (or synthetic) problems, ``batch_size`` prompts per training step, shuffled with a seed."""
+
+    def __init__(
+        self,
+        source: str = "openai/gsm8k",
+        split: str = "train",
+        batch_size: int = 4,
+        limit: int | None = None,
+        synthetic_size: int = 512,
+        seed: int = 0,
+        on_bad_row: OnBadRow = "skip",
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            source: Hub dataset name, local .jsonl/.parquet file, or "synthetic" for generated problems.
+            split: Split to read from a Hub dataset ("train" or "test").
+            batch_size: Prompts per training step (B); each gets G completions.
+            limit: Use only the first `limit` problems (None: all).
+            synthetic_size: Number of generated problems when source is "synthetic".
+            seed: Seed of the shuffling order (and of synthetic problems).
+            on_bad_row: Rows without a question or '####' answer are skipped with a warning, or raise.
+            shuffle: Shuffle the problems each epoch.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be ≥ 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.problems: list[Problem] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.problems:
+            return
+        hp = self.hparams
+        if hp.source == SYNTHETIC:
+            rows = synthetic_rows(hp.synthetic_size, seed=hp.seed)
+        else:
+            rows = load_rows(hp.source, hp.split)
+        problems = to_problems(rows, on_bad_row=hp.on_bad_row, source=hp.source)
+        self.problems = problems[: hp.limit] if hp.limit else problems
+
+    def train_dataloader(self) -> DataLoader:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            ProblemDataset(self.problems),
+            batch_size=self.hparams.batch_size,
+            shuffle=self.hparams.shuffle,
+            generator=generator,
+            collate_fn=collate_problems,
+            num_workers=self.hparams.num_workers,
+            drop_last=True,
+        )

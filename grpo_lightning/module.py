@@ -1,0 +1,412 @@
+"""The GRPO LightningModule: one training step is rollout → rewards → advantages → loss → step → sync.
+
+The mathematics lives in :mod:`grpo_lightning.algorithm`; generation in :mod:`grpo_lightning.rollout`.
+This module owns what ties them together: the models, the optimizer and its schedule, micro-batching
+(gradient accumulation) and metrics. It uses manual optimization because one step interleaves
+generation, scoring and (with μ > 1) several optimizer updates over the same rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from grpo_lightning.algorithm import LOSS_TYPES, AdvantageScale, LossType, group_advantages, loss_weights, policy_loss, token_logprobs
+from grpo_lightning.batch import SequenceBatch, pack_sequences
+from grpo_lightning.data import OnLongPrompt, encode_prompt
+from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer
+from grpo_lightning.rewards import NOTEBOOK_REWARDS, combine_rewards, extract_xml_answer, resolve_reward, reward_name
+from grpo_lightning.rollout import Rollout, RolloutEngine, SamplingConfig, make_engine
+
+
+@dataclass
+class GRPOConfig:
+    """The algorithm's settings (defaults: the notebook's TRL run)."""
+
+    num_generations: int = 16
+    """G: completions sampled per prompt; advantages are computed within each group of G."""
+    beta: float = 0.04
+    """KL penalty coefficient β against the frozen reference model (0: no reference model is loaded)."""
+    epsilon_low: float = 0.2
+    """Lower clip range ε_low of the probability ratio."""
+    epsilon_high: float = 0.2
+    """Upper clip range ε_high (DAPO's clip-higher raises it, e.g. 0.28)."""
+    loss_type: LossType = "grpo"
+    """Token-loss normalisation: grpo, bnpo, dr_grpo or dapo (see docs/algorithm.md)."""
+    advantage_scale: AdvantageScale = "group"
+    """Divide advantages by the group's std ("group"), the batch's ("batch") or not at all ("none")."""
+    num_iterations: int = 1
+    """μ: optimizer updates per rollout batch; > 1 reuses rollouts with stored old log-probs."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches each step's N = B·G sequences are split into (must divide N)."""
+    max_grad_norm: float = 0.1
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens."""
+    on_long_prompt: OnLongPrompt = "truncate"
+    """Longer prompts are left-truncated with a warning ("truncate") or rejected ("raise")."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_tokens out of the loss."""
+    reward_funcs: list[str] = field(default_factory=lambda: [reward_name(f) for f in NOTEBOOK_REWARDS])
+    """Reward functions: names from grpo_lightning.rewards or import paths 'package.module:function'."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (None: all 1)."""
+    strict_seed_semantics: bool = False
+    """Reproduce the notebook's reward functions exactly, defects included."""
+    on_reward_error: Literal["raise", "zero"] = "raise"
+    """A reward function that fails stops training ("raise") or scores 0 with a warning ("zero")."""
+    log_samples_every_n_steps: int = 10
+    """Keep a table of sample completions every N steps for the SampleTable callback (0: never)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (defaults: the notebook)."""
+
+    lr: float = 5e-6
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to biases and norms)."""
+    warmup_ratio: float = 0.1
+    """Fraction of all optimizer steps spent warming up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """Learning rate at the end of the cosine, as a fraction of the peak."""
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear 0 → 1 over warmup, then cosine 1 → ``min_ratio`` (HF's schedule)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+STEP_METRICS = (
+    "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
+    "train/truncated_fraction", "train/kl", "train/clip_ratio/low", "train/clip_ratio/high", "train/loss",
+    "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/seconds", "rollout/sync_seconds",
+)  # fmt: skip
+PROGRESS_BAR = ("train/reward", "train/kl")
+
+
+class GRPOModule(L.LightningModule):
+    """Group Relative Policy Optimization of a causal LM on question/answer problems."""
+
+    def __init__(
+        self,
+        policy: ModelConfig = ModelConfig(),  # noqa: B008  read-only defaults; dataclass fields appear in --help
+        grpo: GRPOConfig = GRPOConfig(),  # noqa: B008
+        sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        engine: str = "hf",
+    ) -> None:
+        """
+        Args:
+            policy: The model to train (the reference model is a frozen copy of its initial weights).
+            grpo: Algorithm settings.
+            sampling: Rollout sampling settings.
+            optim: Optimizer and learning-rate schedule.
+            engine: Rollout engine: "hf" (transformers generate) or "vllm".
+        """
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy_config, self.grpo, self.sampling, self.optim = policy, grpo, sampling, optim
+        self.engine_kind = engine
+        validate_config(self.grpo, engine)
+        self.reward_funcs = [resolve_reward(spec) for spec in self.grpo.reward_funcs]
+        if self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"grpo.reward_weights has {len(self.grpo.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+            )
+        self.save_hyperparameters()
+        names = [*STEP_METRICS, *(f"train/rewards/{reward_name(f)}" for f in self.reward_funcs)]
+        self.step_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in names})
+        self.policy: Any = None
+        self.reference: Any = None
+        self.tokenizer: Any = None
+        self.engine: RolloutEngine | None = None
+        self.last_samples: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer else None
+        batch_size = getattr(datamodule, "hparams", {}).get("batch_size")
+        if batch_size:
+            n = batch_size * self.grpo.num_generations
+            if n % self.grpo.gradient_accumulation_steps:
+                raise ValueError(
+                    f"grpo.gradient_accumulation_steps={self.grpo.gradient_accumulation_steps} does not divide the "
+                    f"{n} sequences of a step (data.batch_size={batch_size} × grpo.num_generations="
+                    f"{self.grpo.num_generations}); choose a divisor of {n}"
+                )
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_config)
+        self.policy = load_causal_lm(self.policy_config)
+        if self.grpo.beta > 0:
+            self.reference = load_causal_lm(self.policy_config).eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        self.engine = make_engine(self.engine_kind, self.policy, self.tokenizer)
+
+    def train(self, mode: bool = True) -> GRPOModule:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # the reference never trains, whatever Lightning toggles
+        return self
+
+    # ------------------------------------------------------------------------------ the algorithm
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        step_start = time.perf_counter()
+        G = self.grpo.num_generations
+        rollout, rollout_seconds = self.generate(batch["question"])  # N = B·G completions
+        rewards = self.score(batch, rollout)  # [N]
+        advantages = group_advantages(rewards, G, self.grpo.advantage_scale).to(self.device)  # [N]
+        prompts = [rollout.prompt_ids[i // G] for i in range(len(rollout.completion_ids))]
+        mask = self.completion_mask(rollout)  # [N, T]
+        ref_logp = self.logprobs_without_grad(self.reference, prompts, rollout) if self.grpo.beta > 0 else None
+        old_logp = self.logprobs_without_grad(self.policy, prompts, rollout) if self.grpo.num_iterations > 1 else None
+        for _ in range(self.grpo.num_iterations):
+            stats = self.optimize(prompts, rollout.completion_ids, advantages, mask, old_logp, ref_logp)
+        sync_seconds = self.sync_weights()
+
+        step_seconds = time.perf_counter() - step_start
+        self.log_step(batch, rollout, rewards, stats, rollout_seconds, sync_seconds, step_seconds)
+
+    def generate(self, questions: list[str]) -> tuple[Rollout, float]:
+        prompt_ids = [
+            encode_prompt(
+                self.tokenizer, q, max_prompt_length=self.grpo.max_prompt_length, on_long_prompt=self.grpo.on_long_prompt
+            )
+            for q in questions
+        ]
+        start = time.perf_counter()
+        rollout = self.engine.generate(prompt_ids, n=self.grpo.num_generations, sampling=self.sampling)
+        return rollout, time.perf_counter() - start
+
+    def score(self, batch: dict[str, list], rollout: Rollout) -> torch.Tensor:  # [N]
+        """Rewards with TRL's calling convention: conversational prompts and completions, dataset columns."""
+        G = rollout.group_size
+        repeat = lambda column: [v for v in column for _ in range(G)]  # noqa: E731  one value per completion
+        prompts = repeat([[{"role": "user", "content": q}] for q in batch["question"]])
+        completions = [[{"role": "assistant", "content": text}] for text in rollout.texts]
+        columns = {k: repeat(v) for k, v in batch.items() if k != "question"}
+        breakdown = combine_rewards(
+            self.reward_funcs,
+            prompts,
+            completions,
+            weights=self.grpo.reward_weights,
+            on_error=self.grpo.on_reward_error,
+            question=repeat(batch["question"]),
+            strict_seed_semantics=self.grpo.strict_seed_semantics,
+            **columns,
+        )
+        self._last_breakdown = breakdown
+        return torch.tensor(breakdown.total, dtype=torch.float32)
+
+    def completion_mask(self, rollout: Rollout) -> torch.Tensor:  # [N, T]
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids])
+        width = max(1, int(lengths.max()))
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+        if self.grpo.mask_truncated_completions:
+            mask = mask * (~torch.tensor(rollout.truncated))[:, None].float()
+        return mask.to(self.device)
+
+    def sequence_logprobs(self, model: Any, seqs: SequenceBatch) -> torch.Tensor:  # [n, T]
+        """Log-probs of the completion tokens; only the last T + 1 positions' logits are computed."""
+        out = model(
+            input_ids=seqs.input_ids,
+            attention_mask=seqs.attention_mask,
+            position_ids=seqs.position_ids,
+            logits_to_keep=seqs.completion_width + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]  # [n, T, V]: position t predicts completion token t
+        return token_logprobs(logits, seqs.completion_ids, temperature=self.sampling.temperature or 1.0)
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = n // self.grpo.gradient_accumulation_steps
+        return [slice(start, start + size) for start in range(0, n, size)]
+
+    def logprobs_without_grad(self, model: Any, prompts: list, rollout: Rollout) -> torch.Tensor:  # [N, T]
+        completions = rollout.completion_ids
+        width = max(1, max(len(c) for c in completions))
+        out = torch.zeros(len(completions), width, device=self.device)
+        with torch.inference_mode():
+            for rows in self.micro_batches(len(completions)):
+                seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
+                out[rows, : seqs.completion_width] = self.sequence_logprobs(model, seqs)
+        return out.clone()  # a normal tensor, usable by autograd later
+
+    def optimize(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        advantages: torch.Tensor,  # [N]
+        mask: torch.Tensor,  # [N, T]
+        old_logp: torch.Tensor | None,  # [N, T]
+        ref_logp: torch.Tensor | None,  # [N, T]
+    ) -> dict[str, float]:
+        """One optimizer step over all N sequences, accumulated over micro-batches."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        weights = loss_weights(mask, self.grpo.loss_type, max_completion_length=self.sampling.max_tokens)  # [N, T]
+        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "tokens": 0.0}
+        for rows in self.micro_batches(len(completions)):
+            seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
+            width = seqs.completion_width
+            logp = self.sequence_logprobs(self.policy, seqs)  # [n, T]
+            loss, stats = policy_loss(
+                logp,
+                logp.detach() if old_logp is None else old_logp[rows, :width],
+                advantages[rows],
+                mask[rows, :width],
+                ref_logp=None if ref_logp is None else ref_logp[rows, :width],
+                beta=self.grpo.beta,
+                epsilon_low=self.grpo.epsilon_low,
+                epsilon_high=self.grpo.epsilon_high,
+                loss_type=self.grpo.loss_type,
+                weights=weights[rows, :width],
+            )
+            self.manual_backward(loss)
+            totals["loss"] += loss.item()
+            for key in ("kl", "clip_ratio_low", "clip_ratio_high"):
+                totals[key] += stats[key].item() * stats["num_tokens"].item()
+            totals["tokens"] += stats["num_tokens"].item()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update uses, before the scheduler moves it
+        grad_norm = self.clip_and_step(optimizer, scheduler)
+        tokens = max(totals.pop("tokens"), 1.0)
+        return {
+            "loss": totals["loss"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            **{key: totals[key] / tokens for key in ("kl", "clip_ratio_low", "clip_ratio_high")},
+        }
+
+    def clip_and_step(self, optimizer: Any, scheduler: Any) -> float:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.grpo.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return float(grad_norm)
+
+    def sync_weights(self) -> float:
+        """Push the updated policy into the rollout engine; returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.update_weights(self.policy.named_parameters())
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+        )
+        total = self.total_optimizer_steps()
+        warmup = math.ceil(self.optim.warmup_ratio * total)
+        schedule = lambda step: warmup_cosine(step, total, warmup, self.optim.min_lr_ratio)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return max(1, int(trainer.estimated_stepping_batches) * self.grpo.num_iterations)
+
+    # -------------------------------------------------------------------------------- logging
+    def log_step(self, batch, rollout: Rollout, rewards: torch.Tensor, stats: dict, rollout_s: float, sync_s: float, step_s: float) -> None:
+        G = rollout.group_size
+        grouped = rewards.view(-1, G)  # [B, G]
+        group_std = grouped.std(dim=1) if G > 1 else torch.zeros(grouped.shape[0])
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        values = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": group_std.mean(),
+            "train/frac_reward_zero_std": (group_std < 1e-6).float().mean(),
+            "train/completion_length": lengths.mean(),
+            "train/truncated_fraction": torch.tensor(rollout.truncated, dtype=torch.float32).mean(),
+            "train/kl": stats["kl"],
+            "train/clip_ratio/low": stats["clip_ratio_low"],
+            "train/clip_ratio/high": stats["clip_ratio_high"],
+            "train/loss": stats["loss"],
+            "train/grad_norm": stats["grad_norm"],
+            "train/lr": stats["lr"],
+            "train/tokens_per_second": rollout.num_tokens / max(step_s, 1e-9),
+            "rollout/seconds": rollout_s,
+            "rollout/sync_seconds": sync_s,
+        }
+        for name, per_fn in self._last_breakdown.per_function.items():
+            values[f"train/rewards/{name}"] = torch.tensor(per_fn).mean()
+        for name, value in values.items():
+            metric = self.step_metrics[name]
+            metric(torch.as_tensor(value, dtype=torch.float32))
+            self.log(name, metric, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=len(batch["question"]))
+        every = self.grpo.log_samples_every_n_steps
+        if every and self.global_step % every == 0:
+            self.last_samples = self.sample_rows(batch, rollout)
+
+    def sample_rows(self, batch: dict[str, list], rollout: Rollout, per_prompt: int = 2) -> list[dict[str, Any]]:
+        """A few completions per prompt with their rewards, for the SampleTable callback."""
+        rows = []
+        for g, (question, answer) in enumerate(zip(batch["question"], batch["answer"])):
+            for i in range(g * rollout.group_size, g * rollout.group_size + min(per_prompt, rollout.group_size)):
+                rewards = {name: values[i] for name, values in self._last_breakdown.per_function.items()}
+                rows.append(
+                    {
+                        "step": self.global_step,
+                        "question": question,
+                        "expected": answer,
+                        "completion": rollout.texts[i],
+                        "extracted": extract_xml_answer(rollout.texts[i]),
+                        "reward": self._last_breakdown.total[i],
+                        **rewards,
+                    }
+                )
+        return rows
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The reference model is the initial policy: reloaded from `policy.name_or_path`, never stored.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+def validate_config(grpo: GRPOConfig, engine: str) -> None:
+    """Reject impossible settings before any model is loaded, saying what to change."""
+    problems = []
+    if grpo.num_generations < 2:
+        problems.append(f"grpo.num_generations={grpo.num_generations}: GRPO compares completions within a group, use ≥ 2")
+    if grpo.loss_type not in LOSS_TYPES:
+        problems.append(f"grpo.loss_type={grpo.loss_type!r}: use one of {LOSS_TYPES}")
+    if grpo.beta < 0:
+        problems.append(f"grpo.beta={grpo.beta}: the KL coefficient must be ≥ 0")
+    if grpo.num_iterations < 1:
+        problems.append(f"grpo.num_iterations={grpo.num_iterations}: use ≥ 1")
+    if grpo.gradient_accumulation_steps < 1:
+        problems.append(f"grpo.gradient_accumulation_steps={grpo.gradient_accumulation_steps}: use ≥ 1")
+    if grpo.epsilon_low < 0 or grpo.epsilon_high < 0:
+        problems.append("grpo.epsilon_low and grpo.epsilon_high must be ≥ 0")
+    if engine not in ("hf", "vllm"):
+        problems.append(f"engine={engine!r}: use 'hf' or 'vllm'")
+    if problems:
+        raise ValueError("invalid GRPO configuration:\n  " + "\n  ".join(problems))

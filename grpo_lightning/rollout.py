@@ -1,0 +1,184 @@
+"""Rollout engines: sample G completions per prompt, and receive new policy weights after each step.
+
+This module knows generation and nothing about training (no Lightning), so an engine can be used alone:
+
+    engine = HFEngine(model, tokenizer)
+    rollout = engine.generate(prompt_ids, n=16, sampling=SamplingConfig(max_tokens=200))
+    rollout.texts[:16]                    # the 16 completions of the first prompt
+    engine.update_weights(model.named_parameters())
+
+Every engine returns completions grouped by prompt (rows ``g·n … g·n + n − 1`` belong to prompt ``g``),
+each cut after its first end-of-sequence token, which stays in ``completion_ids`` because the policy
+must learn to emit it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled."""
+
+    temperature: float = 0.9
+    """Softmax temperature (0: greedy). The notebook's 0.9; log-probs for the loss use the same value."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability (1.0: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    max_tokens: int = 200
+    """Longest completion in tokens; longer ones are cut and flagged as truncated."""
+    min_tokens: int = 0
+    """Shortest completion (EOS is suppressed before it); benchmarks use it to force equal lengths."""
+    logprobs: bool = False
+    """Also return each sampled token's log-probability under the sampling distribution."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1 or self.min_tokens > self.max_tokens:
+            raise ValueError(f"sampling needs 1 ≤ max_tokens and min_tokens ≤ max_tokens, got {self.min_tokens}/{self.max_tokens}")
+
+
+@dataclass
+class Rollout:
+    """The completions of one generate call: N = B·n rows, grouped by prompt."""
+
+    prompt_ids: list[list[int]]  # B prompts
+    completion_ids: list[list[int]]  # N completions, each ending at its first EOS (kept)
+    texts: list[str]  # N decoded completions, special tokens removed
+    truncated: list[bool]  # N: True when cut at max_tokens without an EOS
+    group_size: int  # n
+    logprobs: list[list[float]] | None = None  # N × len(completion): sampling log-probs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class RolloutEngine(Protocol):
+    """What the training module needs from a generator."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
+        """Sample ``n`` completions for each prompt (token ids in, grouped rows out)."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (names as in the policy's ``named_parameters``)."""
+        ...
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and the model's generation config names none")
+    return sorted(ids)
+
+
+def cut_at_eos(tokens: Sequence[int], eos_ids: Iterable[int]) -> tuple[list[int], bool]:
+    """``tokens`` up to and including the first EOS, and whether there was none (truncated)."""
+    eos = set(eos_ids)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return list(tokens[: i + 1]), False
+    return list(tokens), True
+
+
+class HFEngine:
+    """Rollouts with transformers ``generate`` (CPU or GPU).
+
+    Pass the training policy itself as ``model`` to generate with the live weights: ``update_weights``
+    then has nothing to copy. Pass a separate copy (another device or dtype) and it copies each step.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_ids[0]
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
+        from transformers import GenerationConfig
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        greedy = sampling.temperature == 0
+        config = GenerationConfig(  # explicit, so a checkpoint's own defaults (e.g. repetition_penalty) never apply
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else sampling.top_k,  # 0 disables; None would mean HF's default of 50
+            max_new_tokens=sampling.max_tokens,
+            min_new_tokens=sampling.min_tokens or None,
+            repetition_penalty=1.0,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            output_scores=sampling.logprobs,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(  # each prompt repeated n times: rows stay grouped by prompt
+                input_ids=input_ids.repeat_interleave(n, dim=0).to(device),
+                attention_mask=attention_mask.repeat_interleave(n, dim=0).to(device),
+                generation_config=config,
+            )
+        finally:
+            self.model.train(was_training)
+        new_tokens = out.sequences[:, width:].cpu()  # [N, steps]
+        return self._to_rollout(prompt_ids, new_tokens, out.scores if sampling.logprobs else None, n)
+
+    def _to_rollout(self, prompt_ids, new_tokens: torch.Tensor, scores, n: int) -> Rollout:
+        completions, truncated = zip(*(cut_at_eos(row.tolist(), self.eos_ids) for row in new_tokens)) if len(new_tokens) else ((), ())
+        logprobs = None
+        if scores is not None:
+            step_logprobs = torch.stack(
+                [torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, i, None].to(s.device)).squeeze(-1).cpu()
+                 for i, s in enumerate(scores)],
+                dim=1,
+            )  # [N, steps]
+            logprobs = [step_logprobs[i, : len(c)].tolist() for i, c in enumerate(completions)]
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=list(completions),
+            texts=self.tokenizer.batch_decode(list(completions), skip_special_tokens=True),
+            truncated=list(truncated),
+            group_size=n,
+            logprobs=logprobs,
+        )
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            target = params.get(name)
+            if target is None:
+                raise KeyError(f"HFEngine.update_weights: the engine's model has no parameter {name!r}")
+            if target is not tensor:
+                target.copy_(tensor.to(target.device, target.dtype))
+
+
+def make_engine(kind: str, model: Any, tokenizer: Any, **options: Any) -> RolloutEngine:
+    """The engine named ``kind`` ("hf" or "vllm") for this policy."""
+    if kind == "hf":
+        return HFEngine(model, tokenizer)
+    raise ValueError(f"unknown rollout engine {kind!r}: use 'hf' (transformers) or 'vllm'")

@@ -1,0 +1,160 @@
+"""GRPO's mathematics against hand-computed values, gradcheck and the direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo_lightning.algorithm import LOSS_TYPES, group_advantages, kl_k3, loss_weights, policy_loss, token_logprobs
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0])  # two groups of 2
+    adv = group_advantages(rewards, group_size=2, eps=0.0)
+    std = math.sqrt(2.0)  # Bessel-corrected std of (1, 3)
+    assert torch.allclose(adv, torch.tensor([-1 / std, 1 / std, 0.0, 0.0]))
+
+
+def test_group_advantages_zero_mean_per_group_and_equal_rewards_give_zero():
+    torch.manual_seed(0)
+    rewards = torch.rand(8 * 16)
+    rewards[:16] = 2.0  # one group with equal rewards
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(rewards, 16, scale=scale).view(8, 16)
+        assert torch.allclose(adv.mean(dim=1), torch.zeros(8), atol=1e-6)
+        assert torch.equal(adv[0], torch.zeros(16))
+        assert torch.isfinite(adv).all()
+
+
+def test_group_advantages_scales():
+    rewards = torch.tensor([0.0, 2.0, 0.0, 4.0])
+    none = group_advantages(rewards, 2, scale="none")
+    assert torch.equal(none, torch.tensor([-1.0, 1.0, -2.0, 2.0]))
+    batch = group_advantages(rewards, 2, scale="batch", eps=0.0)
+    assert torch.allclose(batch, none / rewards.std())
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="group_size=3 does not divide .* N=8"):
+        group_advantages(torch.zeros(8), 3)
+
+
+def test_token_logprobs_matches_direct_and_chunks():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    for temperature in (1.0, 0.7):
+        direct = torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        for chunk in (1, 4, 1000):
+            assert torch.allclose(token_logprobs(logits, tokens, temperature, chunk_size=chunk), direct, atol=1e-6)
+
+
+def test_token_logprobs_bf16_is_computed_in_float32():
+    logits = torch.randn(2, 3, 7).bfloat16()
+    tokens = torch.randint(0, 7, (2, 3))
+    out = token_logprobs(logits, tokens)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1))
+
+
+def test_kl_k3_values_and_finiteness():
+    logp = torch.tensor([[0.0, -1.0, -100.0]])
+    ref = torch.tensor([[0.0, -2.0, 0.0]])
+    kl = kl_k3(logp, ref)
+    d = -1.0
+    assert kl[0, 0] == 0.0
+    assert kl[0, 1].item() == pytest.approx(math.exp(d) - d - 1)
+    assert torch.isfinite(kl).all() and (kl >= 0).all()
+
+
+def test_policy_loss_hand_computed_clipping():
+    # One sequence, two tokens, A = +1: the ratio e^0.5 ≈ 1.65 is clipped to 1.2; e^-0.5 is not clipped.
+    logp = torch.tensor([[0.5, -0.5]])
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([1.0])
+    mask = torch.ones(1, 2)
+    loss, stats = policy_loss(logp, old, adv, mask, beta=0.0)
+    expected = -(1.2 + math.exp(-0.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["clip_ratio_high"].item() == pytest.approx(0.5)
+    assert stats["clip_ratio_low"].item() == 0.0
+    _, stats = policy_loss(logp, old, -adv, mask, beta=0.0)  # A < 0: the low token is the clipped one
+    assert stats["clip_ratio_low"].item() == pytest.approx(0.5)
+
+
+def test_loss_value_is_beta_kl_at_step_one_but_gradient_is_not_zero():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 6, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    beta = 0.04
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=beta)
+    weights = loss_weights(mask, "grpo")
+    assert loss.item() == pytest.approx(beta * (kl_k3(logp, ref) * weights).sum().item())
+    loss.backward()
+    # d/dlogp of -A·exp(logp - old) at logp = old is -A; the KL term adds β·(1 − exp(ref − logp)).
+    expected = (-adv[:, None] + beta * (1 - torch.exp(ref - logp.detach()))) * weights
+    assert torch.allclose(logp.grad, expected)
+    assert logp.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_policy_loss_gradcheck(loss_type):
+    torch.manual_seed(1)
+    logp = (torch.randn(4, 5, dtype=torch.float64) * 0.1).requires_grad_()
+    old = torch.randn(4, 5, dtype=torch.float64) * 0.1
+    ref = torch.randn(4, 5, dtype=torch.float64) * 0.1
+    adv = torch.randn(4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float64)
+
+    def f(x):
+        return policy_loss(x, old, adv, mask, ref_logp=ref, beta=0.1, epsilon_low=0.5, epsilon_high=0.5,
+                           loss_type=loss_type, max_completion_length=5)[0]  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (logp,))
+
+
+def test_loss_weights_normalisations():
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    grpo = loss_weights(mask, "grpo")
+    assert torch.allclose(grpo[0], torch.tensor([0.25, 0.25, 0.0, 0.0]))  # 1 / (N=2 · len 2)
+    assert torch.allclose(grpo[1], torch.full((4,), 0.125))
+    assert torch.allclose(loss_weights(mask, "bnpo"), mask / 6)
+    assert torch.allclose(loss_weights(mask, "dr_grpo", max_completion_length=10), mask / 20)
+    assert torch.allclose(loss_weights(mask, "dapo", num_tokens=60), mask / 60)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        loss_weights(mask, "dr_grpo")
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        loss_weights(mask, "ppo")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batches_with_step_weights_equal_the_full_batch(loss_type):
+    torch.manual_seed(2)
+    logp = torch.randn(8, 6, requires_grad=True)
+    old, ref, adv = torch.randn(8, 6), torch.randn(8, 6), torch.randn(8)
+    mask = (torch.rand(8, 6) > 0.3).float()
+    kwargs = dict(ref_logp=ref, beta=0.04, loss_type=loss_type, max_completion_length=6)
+    full, _ = policy_loss(logp, old, adv, mask, **kwargs)
+    weights = loss_weights(mask, loss_type, max_completion_length=6)
+    parts = sum(
+        policy_loss(logp[s], old[s], adv[s], mask[s], weights=weights[s], **{**kwargs, "ref_logp": ref[s]})[0]
+        for s in (slice(0, 4), slice(4, 8))
+    )
+    assert torch.allclose(full, parts, atol=1e-6)
+
+
+def test_equal_rewards_give_finite_zero_policy_gradient():
+    logp = torch.randn(4, 3, requires_grad=True)
+    adv = group_advantages(torch.ones(4), 4)
+    loss, _ = policy_loss(logp, logp.detach(), adv, torch.ones(4, 3), beta=0.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.equal(logp.grad, torch.zeros(4, 3))
+
+
+def test_beta_without_reference_is_an_error():
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), beta=0.1)

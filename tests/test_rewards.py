@@ -1,0 +1,140 @@
+"""The notebook's reward functions, their fixed defects, the TRL calling convention and a fuzz run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grpo_lightning import rewards as R
+
+GOOD = "<reasoning>\nShe sells 48 + 24.\nSo 72.\n</reasoning>\n<answer>\n72\n</answer>\n"
+ONE_LINE = "<reasoning>\nsum\n</reasoning>\n<answer>\n72\n</answer>\n"
+
+
+def conv(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def test_system_prompt_is_the_notebooks_text():
+    assert R.SYSTEM_PROMPT == "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+
+
+def test_extractors():
+    assert R.extract_xml_answer(GOOD) == "72"
+    assert R.extract_xml_answer("no tags at all") == "no tags at all"
+    assert R.extract_xml_answer("<answer> 5 ") == "5"
+    assert R.extract_hash_answer("48/2 = 24\n#### 72") == "72"
+    assert R.extract_hash_answer("#### 2,125") == "2,125"
+    assert R.extract_hash_answer("no marker") is None
+
+
+@pytest.mark.parametrize(
+    "predicted, reference, fixed",
+    [("2125", "2,125", 2.0), ("$18", "18", 2.0), ("18.00", "18", 2.0), ("-3", "-3", 2.0), ("18", "18", 2.0),
+     ("17", "18", 0.0), ("eighteen", "18", 0.0), ("18.", "18", 2.0), ("1,000,000", "1000000", 2.0)],
+)  # fmt: skip
+def test_correctness_compares_numbers_and_seed_semantics_compares_strings(predicted, reference, fixed):
+    completion = f"<reasoning>\nx\n</reasoning>\n<answer>\n{predicted}\n</answer>"
+    assert R.correctness_reward_func(["p"], [conv(completion)], [reference]) == [fixed]
+    seed = R.correctness_reward_func(["p"], [conv(completion)], [reference], strict_seed_semantics=True)
+    assert seed == [2.0 if predicted == reference else 0.0]
+
+
+def test_int_reward_accepts_negative_integers_unless_seed_semantics():
+    completions = [conv(f"<answer>\n{a}\n</answer>") for a in ("42", "-42", "4.5", "x", "1,000")]
+    assert R.int_reward_func(completions) == [0.5, 0.5, 0.0, 0.0, 0.5]
+    assert R.int_reward_func(completions, strict_seed_semantics=True) == [0.5, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_soft_format_matches_multiline_only_with_the_fix():
+    # Defect (a): without DOTALL the notebook's soft regex never matches the format its prompt asks for.
+    assert R.soft_format_reward_func([conv(GOOD)]) == [0.5]
+    assert R.soft_format_reward_func([conv(GOOD)], strict_seed_semantics=True) == [0.0]
+    assert R.soft_format_reward_func([conv("<reasoning>a</reasoning> <answer>1</answer>")], strict_seed_semantics=True) == [0.5]
+    assert R.soft_format_reward_func([conv("answer first <reasoning>a</reasoning><answer>1</answer>")]) == [0.0]
+
+
+def test_strict_format():
+    assert R.strict_format_reward_func([conv(ONE_LINE)]) == [0.5]
+    assert R.strict_format_reward_func([conv(ONE_LINE)], strict_seed_semantics=True) == [0.5]
+    assert R.strict_format_reward_func([conv(GOOD)]) == [0.5]  # multi-line reasoning
+    assert R.strict_format_reward_func([conv(GOOD)], strict_seed_semantics=True) == [0.0]
+    assert R.strict_format_reward_func([conv(ONE_LINE.rstrip())]) == [0.0]  # the final newline is required
+
+
+def test_xmlcount():
+    assert R.xmlcount_reward_func([GOOD]) == [pytest.approx(0.5)]
+    assert R.xmlcount_reward_func([GOOD.rstrip("\n")]) == [pytest.approx(0.5)]
+    assert R.xmlcount_reward_func([GOOD + "extra"]) == [pytest.approx(0.5 - 0.005)]
+    assert R.xmlcount_reward_func(["<reasoning>\n<reasoning>\n"]) == [0.0]  # twice is not once
+    # Defect (d): the notebook subtracts the whole text's length when "\n</answer>\n" is missing.
+    no_final_newline = GOOD.rstrip("\n")
+    seed = R.xmlcount_reward_func([no_final_newline], strict_seed_semantics=True)[0]
+    assert seed == pytest.approx(0.5 - len(no_final_newline) * 0.001 + 0.001)
+
+
+def test_plain_string_and_conversational_completions_score_the_same():
+    for fn in R.NOTEBOOK_REWARDS:
+        assert fn(prompts=["p"], completions=[GOOD], answer=["72"]) == fn(prompts=["p"], completions=[conv(GOOD)], answer=["72"])
+    assert R.correctness_reward_func(["p"], [GOOD], ["72"]) == [2.0]
+
+
+def test_combine_rewards_weights_and_keeps_each_function():
+    out = R.combine_rewards(R.NOTEBOOK_REWARDS, ["p", "p"], [GOOD, "junk"], answer=["72", "72"], weights=[1, 1, 1, 1, 0.5])
+    assert out.total[0] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5 + 0.5 * 2.0)
+    assert out.total[1] == 0.0
+    assert set(out.per_function) == {R.reward_name(f) for f in R.NOTEBOOK_REWARDS}
+    assert out.per_function["correctness_reward_func"] == [2.0, 0.0]  # unweighted for logging
+
+
+def broken(prompts, completions, **kw):
+    raise RuntimeError("boom")
+
+
+def short(prompts, completions, **kw):
+    return [1.0]
+
+
+def nan(prompts, completions, **kw):
+    return [math.nan] * len(completions)
+
+
+@pytest.mark.parametrize("fn, message", [(broken, "raised RuntimeError: boom"), (short, "returned 1 values for 2"), (nan, "non-finite")])
+def test_bad_reward_functions_are_named(fn, message):
+    with pytest.raises(R.RewardError, match=rf"'{fn.__name__}'.*{message}"):
+        R.combine_rewards([fn], ["p", "p"], ["a", "b"])
+    with pytest.warns(UserWarning, match=fn.__name__):
+        out = R.combine_rewards([fn, R.xmlcount_reward_func], ["p", "p"], [GOOD, "b"], on_error="zero")
+    assert out.per_function[fn.__name__] == [0.0, 0.0]
+    assert out.total[0] == pytest.approx(0.5)
+
+
+def test_resolve_reward_by_name_and_import_path():
+    assert R.resolve_reward("int_reward_func") is R.int_reward_func
+    assert R.resolve_reward("grpo_lightning.rewards:xmlcount_reward_func") is R.xmlcount_reward_func
+    with pytest.raises(R.RewardError, match="unknown reward function 'nope'"):
+        R.resolve_reward("nope")
+
+
+def test_parse_number_and_last_number():
+    assert R.parse_number("2,125") == 2125 and R.parse_number("$1,000.50") == R.parse_number("1000.5")
+    assert R.parse_number("12,34") is None and R.parse_number("") is None and R.parse_number("1e5") is None
+    assert R.last_number("so 3 + 4 = 7 apples.") == 7
+    assert R.last_number("loss of -12 dollars") == -12
+    assert R.last_number("nothing") is None
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(st.one_of(st.text(), st.text(alphabet="<>/\n reasoninganswer0123456789,.$-#")))
+def test_rewards_and_extractors_never_raise(text):
+    assert isinstance(R.extract_xml_answer(text), str)
+    R.extract_hash_answer(text)
+    R.parse_number(text)
+    R.last_number(text)
+    for fn in R.NOTEBOOK_REWARDS:
+        for seed in (False, True):
+            (value,) = fn(prompts=[text], completions=[conv(text)], answer=[text], strict_seed_semantics=seed)
+            assert math.isfinite(value)

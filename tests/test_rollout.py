@@ -1,0 +1,79 @@
+"""The HF rollout engine: grouping, EOS handling, sampling log-probs and weight updates."""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_lightning.batch import pack_sequences
+from grpo_lightning.algorithm import token_logprobs
+from grpo_lightning.data import encode_prompt
+from grpo_lightning.rollout import HFEngine, SamplingConfig, cut_at_eos
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2], [2]) == ([5, 6, 2], False)
+    assert cut_at_eos([5, 6], [2]) == ([5, 6], True)
+    assert cut_at_eos([], [2]) == ([], True)
+
+
+def test_generate_groups_n_samples_per_prompt(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    prompts = [encode_prompt(tiny_tokenizer, q) for q in ("What is 1+1?", "A longer question about 12 apples?")]
+    torch.manual_seed(0)
+    out = engine.generate(prompts, n=5, sampling=SamplingConfig(temperature=1.0, max_tokens=8))
+    assert len(out.completion_ids) == len(out.texts) == len(out.truncated) == 10
+    assert out.group_size == 5 and out.prompt_ids == prompts
+    for ids, truncated in zip(out.completion_ids, out.truncated):
+        assert 1 <= len(ids) <= 8
+        assert truncated == (tiny_tokenizer.eos_token_id not in ids)
+    assert tiny_model.training  # generation does not leave the policy in eval mode
+
+
+def test_greedy_is_deterministic_and_min_tokens_forces_length(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    prompt = [encode_prompt(tiny_tokenizer, "What is 1+1?")]
+    greedy = SamplingConfig(temperature=0.0, max_tokens=6, min_tokens=6)
+    a, b = engine.generate(prompt, 2, greedy), engine.generate(prompt, 2, greedy)
+    assert a.completion_ids == b.completion_ids and a.completion_ids[0] == a.completion_ids[1]
+    assert all(len(c) == 6 for c in a.completion_ids)
+
+
+def test_sampling_logprobs_match_the_trainers_recomputation(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]
+    torch.manual_seed(1)
+    sampling = SamplingConfig(temperature=0.7, max_tokens=10, logprobs=True)
+    out = engine.generate(prompts, n=3, sampling=sampling)
+    rows = [prompts[i // 3] for i in range(6)]
+    seqs = pack_sequences(rows, out.completion_ids, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                            position_ids=seqs.position_ids, logits_to_keep=seqs.completion_width + 1).logits[:, :-1]  # fmt: skip
+    recomputed = token_logprobs(logits, seqs.completion_ids, temperature=0.7)
+    for i, lp in enumerate(out.logprobs):
+        assert torch.allclose(recomputed[i, : len(lp)], torch.tensor(lp), atol=1e-4)
+
+
+def test_update_weights_copies_into_a_separate_engine_model(tiny_checkpoint, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), tiny_tokenizer)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    prompt = [encode_prompt(tiny_tokenizer, "What is 1+1?")]
+    greedy = SamplingConfig(temperature=0.0, max_tokens=8)
+    stale = engine.generate(prompt, 1, greedy).completion_ids
+    engine.update_weights(policy.named_parameters())
+    synced = engine.generate(prompt, 1, greedy).completion_ids
+    assert synced == HFEngine(policy, tiny_tokenizer).generate(prompt, 1, greedy).completion_ids
+    assert synced != stale
+
+
+def test_pack_sequences_left_pads_prompts_and_right_pads_completions():
+    seqs = pack_sequences([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
+    assert seqs.input_ids.tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
+    assert seqs.attention_mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert seqs.position_ids.tolist() == [[0, 1, 2, 3, 3], [0, 0, 0, 1, 2]]
+    assert seqs.completion_mask.tolist() == [[1, 0], [1, 1]]

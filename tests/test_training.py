@@ -1,0 +1,157 @@
+"""End-to-end training through the CLI on the tiny model: learning, checkpoints, export, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from grpo_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def demo_config(tmp_path: Path, **overrides) -> Path:
+    """The CPU demo recipe, with paths inside tmp_path and the given trainer/model/data overrides."""
+    cfg = yaml.safe_load((REPO / "configs" / "cpu-demo.yaml").read_text())
+    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
+    cfg["model"]["policy"]["name_or_path"] = str(tmp_path / "tiny-qwen2")
+    for section, values in overrides.items():
+        for key, value in values.items():
+            target = cfg[section]
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+            target[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(tmp_path: Path) -> list[dict[str, str]]:
+    (path,) = (tmp_path / "run" / "csv").glob("version_*/metrics.csv")
+    return list(csv.DictReader(path.open()))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config):
+    cli = main(["--config", str(config)], run=False)
+    assert cli.model.grpo.num_generations >= 2
+    assert cli.datamodule.hparams.batch_size >= 1
+
+
+def test_help_documents_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("G: completions sampled per prompt", "KL penalty coefficient", "Prompts per training step", "Peak learning rate"):
+        assert text in out
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One CPU-demo run of 60 steps, shared by the learning/export/metrics tests."""
+    tmp_path = tmp_path_factory.mktemp("demo")
+    main(["fit", "--config", str(demo_config(tmp_path, trainer={"max_steps": 60}))])
+    return tmp_path
+
+
+def test_reward_rises(demo_run):
+    rewards = [float(r["train/reward"]) for r in metrics(demo_run) if r.get("train/reward")]
+    assert len(rewards) == 60
+    first, last = sum(rewards[:15]) / 15, sum(rewards[-15:]) / 15
+    assert last > first + 0.04 and last > 1.8 * first, (first, last)
+
+
+def test_documented_metrics_are_logged(demo_run):
+    rows = metrics(demo_run)
+    logged = {k for r in rows for k, v in r.items() if v}
+    expected = {
+        "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
+        "train/truncated_fraction", "train/kl", "train/clip_ratio/low", "train/clip_ratio/high", "train/loss",
+        "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/sync_seconds",
+        "train/rewards/correctness_reward_func", "train/rewards/xmlcount_reward_func",
+    }  # fmt: skip
+    assert expected <= logged, expected - logged
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.003, rel=0.05) and lrs[-1] < 0.0001  # warmup, cosine
+
+
+def test_checkpoints_samples_and_hf_export(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpts = {p.name for p in (demo_run / "run" / "checkpoints").iterdir()}
+    assert "last.ckpt" in ckpts and any("step=50" in n for n in ckpts)
+    state = torch.load(demo_run / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 60
+    assert not any(k.startswith("reference.") for k in state["state_dict"])  # the reference is never stored
+    (samples,) = (demo_run / "run" / "csv").glob("version_*/samples.jsonl")
+    assert samples.read_text().count("\n") >= 8
+    export = demo_run / "run" / "hf_export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    AutoTokenizer.from_pretrained(export)
+    trained = {k.removeprefix("policy."): v for k, v in state["state_dict"].items() if k.startswith("policy.")}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trained[name].to(tensor.dtype)), name
+    initial = AutoModelForCausalLM.from_pretrained(demo_run / "tiny-qwen2")
+    assert not torch.equal(initial.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_resume_from_last_checkpoint(tmp_path):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 4})
+    cfg_dict = yaml.safe_load(cfg.read_text())
+    cfg_dict["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    cfg.write_text(yaml.safe_dump(cfg_dict))
+    main(["fit", "--config", str(cfg)])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 6
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(demo_config(tmp_path)), "--model.grpo.num_generationz", "4"])
+    assert "num_generationz" in capsys.readouterr().err
+
+
+def test_missing_model_path_is_named(tmp_path):
+    cfg = demo_config(tmp_path, model={"policy.build_tiny": False, "policy.name_or_path": str(tmp_path / "nope")})
+    with pytest.raises(RuntimeError, match=r"model path '.*nope' does not exist"):
+        main(["fit", "--config", str(cfg)])
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = demo_config(tmp_path, model={"policy.build_tiny": False, "policy.name_or_path": str(tmp_path / "empty")})
+    with pytest.raises(RuntimeError, match="is not a model folder: it has no config.json"):
+        main(["fit", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("name, message", [("raising_reward", "raised RuntimeError"), ("wrong_length_reward", "returned 1 values")])
+def test_bad_reward_function_is_named(tmp_path, name, message):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"grpo.reward_funcs": [f"reward_fixtures:{name}"]})
+    with pytest.raises(ValueError, match=rf"reward function '{name}' {message}"):
+        main(["fit", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"grpo.num_generations": 1}, "num_generations=1"), ({"grpo.gradient_accumulation_steps": 3}, "does not divide the 32 sequences"),
+     ({"grpo.loss_type": "ppo"}, 'key "model.grpo.loss_type"')],
+)  # fmt: skip
+def test_impossible_settings_fail_before_loading(tmp_path, overrides, message, capsys):
+    cfg = demo_config(tmp_path, model={"policy.build_tiny": False, **overrides})
+    with pytest.raises((ValueError, SystemExit)) as info:
+        main(["fit", "--config", str(cfg)])
+    assert message in str(info.value) + capsys.readouterr().err
+    assert not (tmp_path / "tiny-qwen2").exists()  # failed before any model was built or loaded

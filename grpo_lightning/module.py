@@ -19,9 +19,16 @@ from torchmetrics import MeanMetric
 
 from grpo_lightning.algorithm import LOSS_TYPES, AdvantageScale, LossType, group_advantages, loss_weights, policy_loss, token_logprobs
 from grpo_lightning.batch import SequenceBatch, pack_sequences
-from grpo_lightning.data import OnLongPrompt, encode_prompt
+from grpo_lightning.data import OnLongPrompt, encode_prompt, prompt_messages
 from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer
-from grpo_lightning.rewards import NOTEBOOK_REWARDS, combine_rewards, extract_xml_answer, resolve_reward, reward_name
+from grpo_lightning.rewards import (
+    NOTEBOOK_REWARDS,
+    RewardBreakdown,
+    combine_rewards,
+    extract_xml_answer,
+    resolve_reward,
+    reward_name,
+)
 from grpo_lightning.rollout import Rollout, RolloutEngine, SamplingConfig, make_engine
 
 
@@ -170,8 +177,9 @@ class GRPOModule(L.LightningModule):
         step_start = time.perf_counter()
         G = self.grpo.num_generations
         rollout, rollout_seconds = self.generate(batch["question"])  # N = B·G completions
-        rewards = self.score(batch, rollout)  # [N]
-        advantages = group_advantages(rewards, G, self.grpo.advantage_scale).to(self.device)  # [N]
+        rewards = self.score(batch, rollout)  # N totals, and each function's values
+        total = torch.tensor(rewards.total)  # [N]
+        advantages = group_advantages(total, G, self.grpo.advantage_scale).to(self.device)  # [N]
         prompts = [rollout.prompt_ids[i // G] for i in range(len(rollout.completion_ids))]
         mask = self.completion_mask(rollout)  # [N, T]
         ref_logp = self.logprobs_without_grad(self.reference, prompts, rollout) if self.grpo.beta > 0 else None
@@ -194,11 +202,11 @@ class GRPOModule(L.LightningModule):
         rollout = self.engine.generate(prompt_ids, n=self.grpo.num_generations, sampling=self.sampling)
         return rollout, time.perf_counter() - start
 
-    def score(self, batch: dict[str, list], rollout: Rollout) -> torch.Tensor:  # [N]
+    def score(self, batch: dict[str, list], rollout: Rollout) -> RewardBreakdown:
         """Rewards with TRL's calling convention: conversational prompts and completions, dataset columns."""
         G = rollout.group_size
         repeat = lambda column: [v for v in column for _ in range(G)]  # noqa: E731  one value per completion
-        prompts = repeat([[{"role": "user", "content": q}] for q in batch["question"]])
+        prompts = repeat([prompt_messages(q) for q in batch["question"]])
         completions = [[{"role": "assistant", "content": text}] for text in rollout.texts]
         columns = {k: repeat(v) for k, v in batch.items() if k != "question"}
         breakdown = combine_rewards(
@@ -211,8 +219,7 @@ class GRPOModule(L.LightningModule):
             strict_seed_semantics=self.grpo.strict_seed_semantics,
             **columns,
         )
-        self._last_breakdown = breakdown
-        return torch.tensor(breakdown.total, dtype=torch.float32)
+        return breakdown
 
     def completion_mask(self, rollout: Rollout) -> torch.Tensor:  # [N, T]
         lengths = torch.tensor([len(c) for c in rollout.completion_ids])
@@ -329,13 +336,16 @@ class GRPOModule(L.LightningModule):
         return max(1, int(trainer.estimated_stepping_batches) * self.grpo.num_iterations)
 
     # -------------------------------------------------------------------------------- logging
-    def log_step(self, batch, rollout: Rollout, rewards: torch.Tensor, stats: dict, rollout_s: float, sync_s: float, step_s: float) -> None:
+    def log_step(
+        self, batch, rollout: Rollout, rewards: RewardBreakdown, stats: dict, rollout_s: float, sync_s: float, step_s: float
+    ) -> None:
         G = rollout.group_size
-        grouped = rewards.view(-1, G)  # [B, G]
+        total = torch.tensor(rewards.total)  # [N]
+        grouped = total.view(-1, G)  # [B, G]
         group_std = grouped.std(dim=1) if G > 1 else torch.zeros(grouped.shape[0])
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
         values = {
-            "train/reward": rewards.mean(),
+            "train/reward": total.mean(),
             "train/reward_std": group_std.mean(),
             "train/frac_reward_zero_std": (group_std < 1e-6).float().mean(),
             "train/completion_length": lengths.mean(),
@@ -350,7 +360,7 @@ class GRPOModule(L.LightningModule):
             "rollout/seconds": rollout_s,
             "rollout/sync_seconds": sync_s,
         }
-        for name, per_fn in self._last_breakdown.per_function.items():
+        for name, per_fn in rewards.per_function.items():
             values[f"train/rewards/{name}"] = torch.tensor(per_fn).mean()
         for name, value in values.items():
             metric = self.step_metrics[name]
@@ -358,14 +368,14 @@ class GRPOModule(L.LightningModule):
             self.log(name, metric, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=len(batch["question"]))
         every = self.grpo.log_samples_every_n_steps
         if every and self.global_step % every == 0:
-            self.last_samples = self.sample_rows(batch, rollout)
+            self.last_samples = self.sample_rows(batch, rollout, rewards)
 
-    def sample_rows(self, batch: dict[str, list], rollout: Rollout, per_prompt: int = 2) -> list[dict[str, Any]]:
+    def sample_rows(self, batch: dict[str, list], rollout: Rollout, rewards: RewardBreakdown, per_prompt: int = 2) -> list[dict]:
         """A few completions per prompt with their rewards, for the SampleTable callback."""
         rows = []
         for g, (question, answer) in enumerate(zip(batch["question"], batch["answer"])):
             for i in range(g * rollout.group_size, g * rollout.group_size + min(per_prompt, rollout.group_size)):
-                rewards = {name: values[i] for name, values in self._last_breakdown.per_function.items()}
+                per_function = {name: values[i] for name, values in rewards.per_function.items()}
                 rows.append(
                     {
                         "step": self.global_step,
@@ -373,8 +383,8 @@ class GRPOModule(L.LightningModule):
                         "expected": answer,
                         "completion": rollout.texts[i],
                         "extracted": extract_xml_answer(rollout.texts[i]),
-                        "reward": self._last_breakdown.total[i],
-                        **rewards,
+                        "reward": rewards.total[i],
+                        **per_function,
                     }
                 )
         return rows

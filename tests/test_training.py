@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,34 @@ def test_impossible_settings_fail_before_loading(tmp_path, overrides, message, c
         main(["fit", "--config", str(cfg)])
     assert message in str(info.value) + capsys.readouterr().err
     assert not (tmp_path / "tiny-qwen2").exists()  # failed before any model was built or loaded
+
+
+def test_bf16_true_and_export_at_every_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = demo_config(tmp_path, trainer={"max_steps": 2, "precision": "bf16-true"})
+    cfg_dict = yaml.safe_load(cfg.read_text())
+    cfg_dict["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+    cfg_dict["trainer"]["callbacks"][2]["init_args"]["every_checkpoint"] = True
+    cfg.write_text(yaml.safe_dump(cfg_dict))
+    main(["fit", "--config", str(cfg)])
+    grad_norms = [float(r["train/grad_norm"]) for r in metrics(tmp_path) if r.get("train/grad_norm")]
+    assert len(grad_norms) == 2 and all(torch.isfinite(torch.tensor(grad_norms)))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_export")
+    for step in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / f"hf_export-step-{step}")
+        assert model.dtype == torch.bfloat16
+
+
+def test_wandb_goes_offline_without_credentials(monkeypatch, tmp_path):
+    from grpo_lightning.cli import wandb_offline_without_credentials
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    wandb_offline_without_credentials()
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    wandb_offline_without_credentials()
+    assert "WANDB_MODE" not in os.environ

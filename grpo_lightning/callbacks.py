@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from grpo_lightning.export import save_hf_folder
+from grpo_lightning.export import export_policy, hub_token, push_to_hub, zip_folder
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -33,20 +33,33 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class HFExport(L.Callback):
-    """Write the policy as a ``save_pretrained`` folder (safetensors, tokenizer, generation config).
+    """Write the policy as a ``save_pretrained`` folder (safetensors, tokenizer, generation config, model card).
 
     At the end of training into ``dirpath``; with ``every_checkpoint`` also at each checkpoint, into the
-    sibling folder ``<dirpath>-step-<N>``. Writes are atomic: a folder is always a complete export.
+    sibling folder ``<dirpath>-step-<N>``. Writes are atomic: a folder is always a complete export. The
+    final export can be zipped and pushed to the Hugging Face Hub; the model card then shows the last
+    validation results.
     """
 
-    def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False) -> None:
+    def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False, zip: bool = False,
+                 push_to_hub: str | None = None, private: bool = False) -> None:  # fmt: skip
         """
         Args:
             dirpath: Folder of the final export (relative paths are under the trainer's default_root_dir).
             every_checkpoint: Also export at every checkpoint save, into <dirpath>-step-<N>.
+            zip: Also write <dirpath>.zip of the final export.
+            push_to_hub: Hub repository "user/name" to upload the final export to (token: HF_TOKEN or `hf auth login`).
+            private: Create the Hub repository as private.
         """
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
+        self.zip = zip
+        self.push_to_hub = push_to_hub
+        self.private = private
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if self.push_to_hub and stage == "fit":
+            hub_token()  # no token: fail now, not after hours of training
 
     def _resolve(self, trainer: L.Trainer) -> Path:
         path = Path(self.dirpath)
@@ -54,20 +67,34 @@ class HFExport(L.Callback):
 
     @rank_zero_only
     def export(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> Path:
-        policy = pl_module.policy
-        dtype = next(policy.parameters()).dtype
-        policy.config.dtype = str(dtype).removeprefix("torch.")
-        save_hf_folder(policy, pl_module.tokenizer, out_dir)
+        export_policy(
+            pl_module.policy, pl_module.tokenizer, out_dir,
+            record=pl_module.training_record(), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
+        )  # fmt: skip
         rank_zero_info(f"HF export written to {out_dir}")
         return out_dir
+
+    @staticmethod
+    def validation_results(trainer: L.Trainer) -> dict[str, Any] | None:
+        metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not metrics:
+            return None
+        data = getattr(trainer.datamodule, "hparams", {})
+        source = data.get("eval_source") or f"held out from {data.get('source')}"
+        return {"metrics": metrics, "data": source, "num_problems": data.get("val_size"), "step": trainer.global_step}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict) -> None:
         if self.every_checkpoint:
             final = self._resolve(trainer)
             self.export(trainer, pl_module, final.with_name(f"{final.name}-step-{trainer.global_step}"))
 
+    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.export(trainer, pl_module, self._resolve(trainer))
+        folder = self.export(trainer, pl_module, self._resolve(trainer))
+        if self.zip:
+            rank_zero_info(f"zipped to {zip_folder(folder)}")
+        if self.push_to_hub:
+            rank_zero_info(f"pushed to {push_to_hub(folder, self.push_to_hub, private=self.private)}")
 
 
 class SampleTable(L.Callback):

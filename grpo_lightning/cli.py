@@ -1,8 +1,15 @@
-"""The command line: ``python train.py fit --config configs/<recipe>.yaml`` (a LightningCLI)."""
+"""The command lines: ``python train.py fit --config configs/<recipe>.yaml`` (a LightningCLI), and ``grpo``
+(``evaluate``, ``infer``, ``export``) for everything after training.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shlex
+import sys
+import time
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -21,10 +28,191 @@ def wandb_offline_without_credentials() -> None:
     os.environ["WANDB_MODE"] = "offline"
 
 
+class GRPOCLI(LightningCLI):
+    """LightningCLI that tells the module its command line, for the model card."""
+
+    def __init__(self, *args, command: list[str], **kwargs) -> None:
+        self.command = shlex.join(["python", "train.py", *command])
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        GRPOModule.launch_command = self.command
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Start the CLI (``fit``, ``validate``, ``test``); every config field is documented in ``--help``."""
     from jsonargparse import set_parsing_settings
 
     wandb_offline_without_credentials()
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    return LightningCLI(GRPOModule, GSM8KDataModule, args=args, run=run, save_config_kwargs={"overwrite": True})
+    command = sys.argv[1:] if args is None else args
+    return GRPOCLI(GRPOModule, GSM8KDataModule, args=args, run=run, save_config_kwargs={"overwrite": True}, command=command)
+
+
+# ------------------------------------------------------------------------------------------------- grpo
+# `grpo evaluate | infer | export` (and `grpo train …`, the same as `python train.py …`).
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what to change: shown as one line, not a traceback."""
+    from grpo_lightning.export import HubError
+    from grpo_lightning.models import ModelLoadError
+
+    return ValueError, OSError, ModelLoadError, HubError
+
+
+def grpo(argv: list[str] | None = None) -> int:
+    """The ``grpo`` command: evaluate, ask, export and publish models trained (or not) with grpo-lightning."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        main(argv[1:])
+        return 0
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as err:
+        print(f"grpo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo", description="grpo-lightning: evaluate, ask and publish GRPO models. "
+                                     "Training: `grpo train fit --config configs/<recipe>.yaml` (= python train.py …).")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,infer,export}")
+
+    commands.add_parser("train", help="train with GRPO: `grpo train fit --config …` is `python train.py fit --config …`")
+    ev = commands.add_parser("evaluate", help="GSM8K accuracy and format rates of a model (greedy decoding)")
+    _model_arguments(ev)
+    ev.add_argument("--data", default="openai/gsm8k", help="Hub dataset, .jsonl/.parquet file or 'synthetic' (default: openai/gsm8k)")
+    ev.add_argument("--split", default="test", help="split of a Hub dataset (default: test)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N problems only (default: all 1,319 of GSM8K test)")
+    ev.add_argument("--out", help="folder for problems.jsonl and summary.json (default: runs/eval/<model>)")
+    ev.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
+    ev.add_argument("--max-tokens", type=int, default=200, help="longest completion (default: 200, as in training)")
+    ev.set_defaults(run=_evaluate)
+
+    inf = commands.add_parser("infer", help="answer questions in the terminal and append them to a JSONL file")
+    _model_arguments(inf)
+    inf.add_argument("question", nargs="*", help="question(s) to answer; none and no --input: interactive")
+    inf.add_argument("--input", help="text file with one question per line")
+    inf.add_argument("--output", default="inference.jsonl", help="JSONL file the answers are appended to (default: inference.jsonl)")
+    inf.add_argument("--num-samples", type=int, default=1, help="answers per question (needs --temperature > 0 when > 1)")
+    inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the training recipe samples at 0.9")
+    inf.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    inf.add_argument("--max-tokens", type=int, default=200, help="longest completion (default: 200)")
+    inf.set_defaults(run=_infer)
+
+    ex = commands.add_parser("export", help="Lightning checkpoint → HF folder (+ zip, + Hub push with a model card)")
+    ex.add_argument("source", help="a .ckpt of grpo-lightning, or an exported HF folder to publish")
+    ex.add_argument("--out", help="folder to write (needed for a .ckpt)")
+    ex.add_argument("--base", help="base model folder/name for the tokenizer, when the run's has moved")
+    ex.add_argument("--eval-summary", help="summary.json of `grpo evaluate`, shown in the model card")
+    ex.add_argument("--zip", action="store_true", help="also write <out>.zip")
+    ex.add_argument("--push-to-hub", metavar="USER/REPO", help="upload to this Hub repository (token: HF_TOKEN or `hf auth login`)")
+    ex.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    ex.set_defaults(run=_export)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub name, HF folder, or a grpo-lightning .ckpt")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model's folder, loaded dequantised")
+    parser.add_argument("--base", help="for a .ckpt: base model folder/name for the tokenizer, when the run's has moved")
+    parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM when installed (default)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (default: 0.85)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint to run")
+
+
+def _open(args: argparse.Namespace):
+    from grpo_lightning.models import load_model
+    from grpo_lightning.rollout import VLLMConfig, open_engine
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, gguf_file=args.gguf_file, base=args.base, trust_remote_code=args.trust_remote_code)
+    vllm = VLLMConfig(gpu_memory_utilization=args.gpu_memory_utilization)
+    return loaded, open_engine(loaded, args.engine, vllm=vllm, seed=args.seed)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from grpo_lightning.data import SYNTHETIC, load_rows, synthetic_rows, to_problems
+    from grpo_lightning.evaluation import evaluate, write_results
+
+    rows = synthetic_rows(args.limit or 200, seed=1) if args.data == SYNTHETIC else load_rows(args.data, args.split)
+    problems = to_problems(rows, source=args.data)[: args.limit]
+    loaded, engine = _open(args)
+    start = time.perf_counter()
+    records = evaluate(engine, loaded.tokenizer, problems, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    out = Path(args.out or Path("runs/eval") / Path(args.model.rstrip("/")).name)
+    summary = write_results(
+        out, records, model=args.model, gguf_file=args.gguf_file, data=args.data, split=args.split,
+        engine=type(engine).__name__, max_tokens=args.max_tokens, seconds=round(time.perf_counter() - start, 1),
+    )  # fmt: skip
+    width = max(map(len, summary["metrics"]))
+    print(f"{args.model} on {args.data} ({len(records)} problems):")
+    print("\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in summary["metrics"].items()))
+    print(f"per-problem records: {out / 'problems.jsonl'}\nsummary: {out / 'summary.json'}")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from grpo_lightning.export import append_jsonl
+    from grpo_lightning.inference import answer_questions, check_samples, read_questions, render
+    from grpo_lightning.rollout import SamplingConfig
+
+    questions = list(args.question) + (read_questions(args.input) if args.input else [])
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    check_samples(args.num_samples, sampling)  # before the model loads
+    loaded, engine = _open(args)
+
+    def ask(batch: list[str]) -> None:
+        for row in answer_questions(engine, loaded.tokenizer, batch, model_name=args.model, sampling=sampling,
+                                    num_samples=args.num_samples):  # fmt: skip
+            print(render(row))
+            append_jsonl(args.output, row)
+
+    if questions:
+        ask(questions)
+    else:
+        print("Ask a question (an empty line or Ctrl-D ends).")
+        while (question := _read_line("question> ")) is not None:
+            ask([question])
+    print(f"answers appended to {args.output}")
+    return 0
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        line = input(prompt).strip()
+    except EOFError:
+        return None
+    return line or None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from grpo_lightning.export import EVAL_SUMMARY, export_policy, push_to_hub, write_json, write_model_card, zip_folder
+    from grpo_lightning.models import load_checkpoint_policy
+
+    evaluation = json.loads(Path(args.eval_summary).read_text(encoding="utf-8")) if args.eval_summary else None
+    if args.source.endswith(".ckpt"):
+        if not args.out:
+            raise ValueError("exporting a .ckpt needs --out FOLDER")
+        loaded = load_checkpoint_policy(args.source, base=args.base)
+        folder = export_policy(loaded.model, loaded.tokenizer, args.out, record=loaded.record, evaluation=evaluation,
+                               repo_id=args.push_to_hub)  # fmt: skip
+    else:
+        folder = Path(args.source)
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{args.source!r} is neither a .ckpt nor an exported model folder (no config.json)")
+        if evaluation:
+            write_json(folder / EVAL_SUMMARY, evaluation)
+        write_model_card(folder, args.push_to_hub)
+    print(f"HF folder: {folder}")
+    if args.zip:
+        print(f"zip: {zip_folder(folder)}")
+    if args.push_to_hub:
+        print(f"pushed: {push_to_hub(folder, args.push_to_hub, private=args.private)}")
+    return 0

@@ -188,7 +188,8 @@ def collate_problems(problems: list[Problem]) -> dict[str, list]:
 
 
 class GSM8KDataModule(L.LightningDataModule):
-    """GSM8K (or synthetic) problems, ``batch_size`` prompts per training step, shuffled with a seed."""
+    """GSM8K (or synthetic) problems: ``batch_size`` prompts per training step, shuffled with a seed, and
+    held-out problems for validation during ``fit`` and for ``validate``/``test``."""
 
     def __init__(
         self,
@@ -201,6 +202,11 @@ class GSM8KDataModule(L.LightningDataModule):
         on_bad_row: OnBadRow = "skip",
         shuffle: bool = True,
         num_workers: int = 0,
+        eval_source: str | None = None,
+        eval_split: str = "test",
+        val_size: int = 0,
+        test_size: int | None = None,
+        eval_batch_size: int = 64,
     ) -> None:
         """
         Args:
@@ -213,23 +219,45 @@ class GSM8KDataModule(L.LightningDataModule):
             on_bad_row: Rows without a question or '####' answer are skipped with a warning, or raise.
             shuffle: Shuffle the problems each epoch.
             num_workers: DataLoader worker processes.
+            eval_source: Problems for validation and test: Hub name (read at eval_split), file or "synthetic" (None: unseen synthetic problems for a synthetic source, else the last val_size problems of source, removed from training).
+            eval_split: Split of a Hub eval_source.
+            val_size: Problems evaluated at each validation during fit (0: no validation); the interval is trainer.val_check_interval.
+            test_size: Problems evaluated by `test` (None: all of eval_source).
+            eval_batch_size: Prompts per generate call during validation and test.
         """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be ≥ 1, got {batch_size}")
+        if val_size < 0 or eval_batch_size < 1:
+            raise ValueError(f"data.val_size must be ≥ 0 and data.eval_batch_size ≥ 1, got {val_size}/{eval_batch_size}")
         self.save_hyperparameters()
         self.problems: list[Problem] = []
+        self.eval_problems: list[Problem] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.problems:
             return
         hp = self.hparams
-        if hp.source == SYNTHETIC:
-            rows = synthetic_rows(hp.synthetic_size, seed=hp.seed)
-        else:
-            rows = load_rows(hp.source, hp.split)
-        problems = to_problems(rows, on_bad_row=hp.on_bad_row, source=hp.source)
-        self.problems = problems[: hp.limit] if hp.limit else problems
+        problems = self._load(hp.source, hp.split, hp.synthetic_size, hp.seed)
+        problems = problems[: hp.limit] if hp.limit else problems
+        if hp.eval_source is not None:
+            self.eval_problems = self._load(hp.eval_source, hp.eval_split, max(hp.val_size, hp.test_size or 0, 1), hp.seed + 1)
+        elif hp.source == SYNTHETIC:
+            self.eval_problems = self._unseen_synthetic(problems, max(hp.val_size, hp.test_size or 0))
+        elif hp.val_size:
+            if hp.val_size >= len(problems):
+                raise DataError(f"data.val_size={hp.val_size} leaves no training problems out of {len(problems)}")
+            problems, self.eval_problems = problems[: -hp.val_size], problems[-hp.val_size :]
+        self.problems = problems
+
+    def _load(self, source: str, split: str, synthetic_size: int, seed: int) -> list[Problem]:
+        rows = synthetic_rows(synthetic_size, seed=seed) if source == SYNTHETIC else load_rows(source, split)
+        return to_problems(rows, on_bad_row=self.hparams.on_bad_row, source=source)
+
+    def _unseen_synthetic(self, train: list[Problem], n: int) -> list[Problem]:
+        seen = {p.question for p in train}
+        fresh = [p for p in self._load(SYNTHETIC, "", 4 * n + 16, self.hparams.seed + 1) if p.question not in seen]
+        return fresh[:n]
 
     def train_dataloader(self) -> DataLoader:
         import torch
@@ -244,3 +272,15 @@ class GSM8KDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             drop_last=True,
         )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader(self.hparams.val_size) if self.hparams.val_size else []
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.eval_problems:
+            raise DataError("`test` needs problems: set data.eval_source (e.g. openai/gsm8k or a test .jsonl) or data.val_size")
+        return self._eval_loader(self.hparams.test_size)
+
+    def _eval_loader(self, size: int | None) -> DataLoader:
+        problems = self.eval_problems[:size] if size else self.eval_problems
+        return DataLoader(ProblemDataset(problems), batch_size=self.hparams.eval_batch_size, collate_fn=collate_problems)

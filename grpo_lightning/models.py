@@ -1,4 +1,5 @@
-"""Loading a causal LM and its tokenizer from a Hub name, a local folder, a GGUF file, or the tiny builder.
+"""Loading a causal LM and its tokenizer: a Hub name, a local folder, a GGUF file, the tiny builder, or the
+policy inside a Lightning checkpoint of this project.
 
 Errors say what to change: a missing local folder, a folder that is not a model, or an unreachable Hub
 (with ``HF_HUB_OFFLINE`` and local paths named) never surface as a bare stack trace.
@@ -6,7 +7,7 @@ Errors say what to change: a missing local folder, a folder that is not a model,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,79 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model.train()
+
+
+POLICY_PREFIX = "policy."
+"""Where the trained model's weights live in a GRPOModule checkpoint's ``state_dict``."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with where it came from."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    """What the user asked for (Hub name, folder or checkpoint path)."""
+    folder: str | None
+    """An HF folder holding exactly these weights (what vLLM loads); None for a checkpoint or a GGUF file."""
+    record: dict = field(default_factory=dict)
+    """How a checkpoint's policy was trained (base model, data, command, settings); empty otherwise."""
+
+
+def load_model(name: str, *, gguf_file: str | None = None, base: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """A Hub name, an HF folder, a GGUF file inside a folder, or a ``.ckpt`` of this project, for generation."""
+    if name.endswith(".ckpt"):
+        return load_checkpoint_policy(name, base=base, trust_remote_code=trust_remote_code)
+    cfg = ModelConfig(name_or_path=name, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg, dtype=_default_dtype()).eval()
+    return LoadedModel(model, tokenizer, name, folder=None if gguf_file else name)
+
+
+def _default_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """The policy of a GRPOModule checkpoint, built from its stored architecture and weights.
+
+    The tokenizer comes from the base model the run started from (``base`` overrides it when that
+    folder has moved). Loaded with ``weights_only=True``: a checkpoint can never run code.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})") from err
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    weights = {k.removeprefix(POLICY_PREFIX): v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
+    if not weights:
+        raise ModelLoadError(f"{str(path)!r} holds no policy weights (no '{POLICY_PREFIX}*' keys): not a grpo-lightning checkpoint")
+    policy = dict(checkpoint.get("hyper_parameters", {}).get("policy") or {})
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in policy.items() if k in known})
+    cfg.name_or_path = base or cfg.name_or_path
+    cfg.trust_remote_code = trust_remote_code
+    tokenizer = load_tokenizer(cfg)
+    model = _model_from_config(cfg, checkpoint.get("hf_config"), next(iter(weights.values())).dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ModelLoadError(f"{str(path)!r}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return LoadedModel(model.eval(), tokenizer, str(path), folder=None, record=checkpoint.get("grpo_lightning", {}))
+
+
+def _model_from_config(cfg: ModelConfig, hf_config: dict | None, dtype: torch.dtype) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if hf_config:
+        config = AutoConfig.for_model(**hf_config)
+    else:  # checkpoints written before the architecture was stored: ask the base model
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+        except OSError as err:
+            raise _hub_error(cfg, err) from err
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)

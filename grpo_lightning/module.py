@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,7 +22,8 @@ from torchmetrics import MeanMetric
 
 from grpo_lightning.algorithm import LOSS_TYPES, AdvantageScale, LossType, group_advantages, loss_weights, policy_loss, token_logprobs
 from grpo_lightning.batch import SequenceBatch, pack_sequences, pad_rows
-from grpo_lightning.data import OnLongPrompt, encode_prompt, prompt_messages
+from grpo_lightning.data import OnLongPrompt, Problem, encode_prompt, prompt_messages
+from grpo_lightning.evaluation import evaluate
 from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer
 from grpo_lightning.rewards import (
     NOTEBOOK_REWARDS,
@@ -105,10 +108,16 @@ STEP_METRICS = (
     "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/seconds", "rollout/sync_seconds", "rollout/is_ratio",
 )  # fmt: skip
 PROGRESS_BAR = ("train/reward", "train/kl")
+EVAL_METRICS = {  # logged name → per-problem record field of grpo_lightning.evaluation
+    "accuracy": "strict_correct", "lenient_accuracy": "lenient_correct", "strict_format_rate": "strict_format",
+    "soft_format_rate": "soft_format", "completion_length": "completion_tokens",
+}  # fmt: skip
 
 
 class GRPOModule(L.LightningModule):
     """Group Relative Policy Optimization of a causal LM on question/answer problems."""
+
+    launch_command: str | None = None  # set by the CLI; recorded in checkpoints and model cards
 
     def __init__(
         self,
@@ -141,6 +150,9 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters()
         names = [*STEP_METRICS, *(f"train/rewards/{reward_name(f)}" for f in self.reward_funcs)]
         self.step_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in names})
+        self.eval_metrics = torch.nn.ModuleDict(
+            {f"{stage}/{name}": MeanMetric() for stage in ("val", "test") for name in EVAL_METRICS}
+        )
         self.policy: Any = None
         self.reference: Any = None
         self.tokenizer: Any = None
@@ -168,11 +180,23 @@ class GRPOModule(L.LightningModule):
         if self.grpo.beta > 0:
             self.reference = load_causal_lm(self.policy_config).eval().requires_grad_(False)
 
+    def ensure_engine(self) -> None:
+        """Start the rollout engine once, for whichever of fit, validate and test comes first."""
+        if self.engine is None:
+            self.engine = make_engine(
+                self.engine_kind, self.policy, self.tokenizer,
+                model_path=self.policy_config.name_or_path, vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
+            )  # fmt: skip
+            self.sync_weights()  # weights restored from a checkpoint differ from the folder the engine loaded
+
     def on_fit_start(self) -> None:
-        self.engine = make_engine(
-            self.engine_kind, self.policy, self.tokenizer,
-            model_path=self.policy_config.name_or_path, vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
-        )  # fmt: skip
+        self.ensure_engine()
+
+    def on_validation_start(self) -> None:
+        self.ensure_engine()
+
+    def on_test_start(self) -> None:
+        self.ensure_engine()
 
     def on_train_start(self) -> None:
         self.sync_weights()  # a resumed policy differs from the folder the engine loaded
@@ -343,6 +367,25 @@ class GRPOModule(L.LightningModule):
         self.engine.update_weights(self.policy.named_parameters())
         return time.perf_counter() - start
 
+    # ------------------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self.evaluate_batch(batch, "val")
+
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self.evaluate_batch(batch, "test")
+
+    def evaluate_batch(self, batch: dict[str, list], stage: str) -> None:
+        """Greedy answers graded exactly as `grpo evaluate` grades them; logged as `<stage>/accuracy` etc."""
+        problems = [Problem(q, a, i) for q, a, i in zip(batch["question"], batch["answer"], batch["index"])]
+        records = evaluate(
+            self.engine, self.tokenizer, problems, max_tokens=self.sampling.max_tokens, batch_size=len(problems),
+            max_prompt_length=self.grpo.max_prompt_length, progress=False,
+        )  # fmt: skip
+        for name, field_name in EVAL_METRICS.items():
+            metric = self.eval_metrics[f"{stage}/{name}"]
+            metric.update(torch.tensor([float(r[field_name]) for r in records]))
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "accuracy", batch_size=len(records))
+
     # ------------------------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         decay = [p for p in self.policy.parameters() if p.requires_grad and p.ndim >= 2]
@@ -426,6 +469,23 @@ class GRPOModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
+        # Enough to rebuild the policy and its model card without the base weights (`grpo export`).
+        checkpoint["hf_config"] = self.policy.config.to_dict()
+        checkpoint["grpo_lightning"] = self.training_record()
+
+    def training_record(self) -> dict[str, Any]:
+        """How this policy was trained, as plain data: base model, data, command, settings, rewards."""
+        datamodule = self.trainer.datamodule if self._trainer else None
+        data = _plain(getattr(datamodule, "hparams", {}))
+        return {
+            "base_model": self.policy_config.name_or_path,
+            "dataset": data.get("source"),
+            "command": self.launch_command or shlex.join(["python", *sys.argv]),
+            "global_step": self.global_step,
+            "reward_funcs": list(self.grpo.reward_funcs),
+            "hyperparameters": {"model": _plain(self.hparams), "data": data,
+                                "precision": str(self.trainer.precision) if self._trainer else None},
+        }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference is not None:
@@ -451,3 +511,16 @@ def validate_config(grpo: GRPOConfig, engine: str) -> None:
         problems.append(f"engine={engine!r}: use 'hf' or 'vllm'")
     if problems:
         raise ValueError("invalid GRPO configuration:\n  " + "\n  ".join(problems))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses and mappings as JSON-like data (what ``torch.load(weights_only=True)`` accepts)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

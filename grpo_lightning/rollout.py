@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -293,3 +294,30 @@ def make_engine(kind: str, model: Any, tokenizer: Any, *, model_path: str | None
             raise ValueError("engine 'vllm' needs the policy's model folder (model_path)")
         return VLLMEngine(model_path, tokenizer, vllm, seed=seed)
     raise ValueError(f"unknown rollout engine {kind!r}: use 'hf' (transformers) or 'vllm'")
+
+
+def open_engine(loaded: Any, kind: str = "auto", *, vllm: VLLMConfig | None = None, seed: int = 0) -> RolloutEngine:
+    """An engine generating with a :class:`~grpo_lightning.models.LoadedModel` (evaluation and inference).
+
+    ``kind="auto"`` picks vLLM when it is installed, else transformers. vLLM loads weights from a folder:
+    a checkpoint's or GGUF file's policy is first written to a temporary HF folder, deleted with the engine.
+    """
+    if kind == "auto":
+        import importlib.util
+
+        kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if kind == "hf":
+        if torch.cuda.is_available():
+            loaded.model.to("cuda")
+        return HFEngine(loaded.model, loaded.tokenizer)
+    folder, scratch = loaded.folder, None
+    if folder is None:
+        import tempfile
+
+        from grpo_lightning.export import save_hf_folder
+
+        scratch = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
+        folder = str(save_hf_folder(loaded.model, loaded.tokenizer, Path(scratch.name) / "model"))
+    engine = make_engine(kind, loaded.model, loaded.tokenizer, model_path=folder, vllm=vllm, seed=seed)
+    engine.scratch = scratch  # lives as long as the engine
+    return engine

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import REPO, demo_config, metrics
 from grpo_lightning.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def demo_config(tmp_path: Path, **overrides) -> Path:
-    """The CPU demo recipe, with paths inside tmp_path and the given trainer/model/data overrides."""
-    cfg = yaml.safe_load((REPO / "configs" / "cpu-demo.yaml").read_text())
-    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
-    cfg["model"]["policy"]["name_or_path"] = str(tmp_path / "tiny-qwen2")
-    for section, values in overrides.items():
-        for key, value in values.items():
-            target = cfg[section]
-            *parents, leaf = key.split(".")
-            for p in parents:
-                target = target.setdefault(p, {})
-            target[leaf] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def metrics(tmp_path: Path) -> list[dict[str, str]]:
-    (path,) = (tmp_path / "run" / "csv").glob("version_*/metrics.csv")
-    return list(csv.DictReader(path.open()))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -54,14 +28,6 @@ def test_help_documents_fields(capsys):
     out = capsys.readouterr().out
     for text in ("G: completions sampled per prompt", "KL penalty coefficient", "Prompts per training step", "Peak learning rate"):
         assert text in out
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One CPU-demo run of 60 steps, shared by the learning/export/metrics tests."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    main(["fit", "--config", str(demo_config(tmp_path, trainer={"max_steps": 60}))])
-    return tmp_path
 
 
 def test_reward_rises(demo_run):

@@ -91,3 +91,17 @@ def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
     assert len(rows) == 3
     assert all(float(r["rollout/sync_seconds"]) > 0 for r in rows)
     assert all(0 < float(r["rollout/is_ratio"]) <= 2.0 for r in rows)
+
+
+def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):
+    """`grpo evaluate --engine vllm` on a .ckpt goes through a temporary HF folder; greedy answers equal HF's."""
+    import json
+
+    from grpo_lightning.cli import grpo
+
+    args = ["--model", str(demo_run / "run" / "checkpoints" / "last.ckpt"), "--data", "synthetic", "--limit", "6", "--max-tokens", "8"]
+    for engine in ("hf", "vllm"):
+        assert grpo(["evaluate", *args, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+    hf, vllm = ([json.loads(x) for x in (tmp_path / e / "problems.jsonl").read_text().splitlines()] for e in ("hf", "vllm"))
+    assert [r["completion"] for r in vllm] == [r["completion"] for r in hf]
+    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "VLLMEngine"

@@ -1,0 +1,113 @@
+"""GSM8K evaluation: greedy answers through a rollout engine, graded as in training.
+
+The prompt (system prompt + chat template) and the answer extraction are the ones training uses, so a
+base model and a trained one are compared on equal terms. Each completion gets four grades:
+
+- ``strict_correct``: it has an ``<answer>`` tag and the text inside equals the reference numerically;
+- ``lenient_correct``: the last number anywhere in the completion equals the reference;
+- ``strict_format`` / ``soft_format``: the notebook's two format checks (multi-line fix applied).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from grpo_lightning.data import Problem, encode_prompt
+from grpo_lightning.export import write_json, write_jsonl
+from grpo_lightning.rewards import (
+    answers_match,
+    extract_xml_answer,
+    last_number,
+    parse_number,
+    soft_format_reward_func,
+    strict_format_reward_func,
+)
+from grpo_lightning.rollout import RolloutEngine, SamplingConfig
+
+METRICS = ("strict_accuracy", "lenient_accuracy", "strict_format_rate", "soft_format_rate", "completion_length")
+
+
+@dataclass
+class Grade:
+    """How one completion scores against its reference answer."""
+
+    answer: str | None
+    """Text inside the last <answer> tag (None without a tag)."""
+    strict_correct: bool
+    lenient_correct: bool
+    strict_format: bool
+    soft_format: bool
+
+
+def grade(completion: str, reference: str) -> Grade:
+    answer = extract_xml_answer(completion) if "<answer>" in completion else None
+    reference_value = parse_number(reference)
+    return Grade(
+        answer=answer,
+        strict_correct=answer is not None and answers_match(answer, reference),
+        lenient_correct=reference_value is not None and last_number(completion) == reference_value,
+        strict_format=strict_format_reward_func([completion])[0] > 0,
+        soft_format=soft_format_reward_func([completion])[0] > 0,
+    )
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each grade over per-problem records (as :func:`evaluate` returns them)."""
+    n = max(1, len(records))
+    return {
+        "strict_accuracy": sum(r["strict_correct"] for r in records) / n,
+        "lenient_accuracy": sum(r["lenient_correct"] for r in records) / n,
+        "strict_format_rate": sum(r["strict_format"] for r in records) / n,
+        "soft_format_rate": sum(r["soft_format"] for r in records) / n,
+        "completion_length": sum(r["completion_tokens"] for r in records) / n,
+    }
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    *,
+    max_tokens: int = 200,
+    batch_size: int = 64,
+    max_prompt_length: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Greedy completions for ``problems`` in batches, one graded record per problem."""
+    from tqdm.auto import tqdm
+
+    sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens)
+    records = []
+    with tqdm(total=len(problems), desc="evaluating", unit="problem", disable=not progress) as bar:
+        for start in range(0, len(problems), batch_size):
+            batch = problems[start : start + batch_size]
+            prompts = [encode_prompt(tokenizer, p.question, max_prompt_length=max_prompt_length) for p in batch]
+            rollout = engine.generate(prompts, n=1, sampling=sampling)
+            for problem, text, ids, cut in zip(batch, rollout.texts, rollout.completion_ids, rollout.truncated):
+                records.append(
+                    {
+                        "index": problem.index,
+                        "question": problem.question,
+                        "reference": problem.answer,
+                        "completion": text,
+                        **asdict(grade(text, problem.answer)),
+                        "completion_tokens": len(ids),
+                        "truncated": cut,
+                    }
+                )
+            bar.update(len(batch))
+            bar.set_postfix(strict=f"{summarize(records)['strict_accuracy']:.3f}")
+    return records
+
+
+def write_results(out_dir: str | Path, records: Sequence[dict[str, Any]], **about: Any) -> dict[str, Any]:
+    """``problems.jsonl`` (one record per problem) and ``summary.json`` (metrics + ``about``) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    summary = {**about, "num_problems": len(records), "metrics": summarize(records), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_jsonl(out_dir / "problems.jsonl", records)
+    write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,104 @@
+"""Evaluation: grading, batching, the `grpo evaluate` command, and validation/test inside Lightning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ScriptedEngine, metrics
+from grpo_lightning.cli import grpo, main
+from grpo_lightning.data import Problem
+from grpo_lightning.evaluation import evaluate, grade, summarize
+
+GOOD = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
+
+
+@pytest.mark.parametrize(
+    "completion, reference, strict, lenient, strict_fmt, soft_fmt",
+    [
+        (GOOD, "7", True, True, True, True),
+        (GOOD.replace("\n7\n</answer>", "\n$7.00\n</answer>"), "7", True, True, True, True),  # numeric, not string
+        ("<reasoning>so</reasoning><answer>1,250</answer>", "1250", True, True, False, True),
+        ("The answer is 7", "7", False, True, False, False),  # no tag: only lenient
+        ("<answer>7</answer> and later 8", "7", True, False, False, False),  # lenient reads the last number
+        (GOOD, "8", False, False, True, True),
+        ("", "7", False, False, False, False),
+    ],
+)  # fmt: skip
+def test_grade(completion, reference, strict, lenient, strict_fmt, soft_fmt):
+    g = grade(completion, reference)
+    assert (g.strict_correct, g.lenient_correct, g.strict_format, g.soft_format) == (strict, lenient, strict_fmt, soft_fmt)
+    assert g.answer is None if "<answer>" not in completion else g.answer is not None
+
+
+def test_evaluate_batches_greedy_and_summarizes(tiny_tokenizer):
+    problems = [Problem(f"What is {k} + 0?", str(k), k) for k in range(7)]
+    texts = [GOOD.replace("7", str(k)) if k % 2 == 0 else f"maybe {k}" for k in range(7)]
+    engine = ScriptedEngine(texts)
+    records = evaluate(engine, tiny_tokenizer, problems, max_tokens=50, batch_size=3, progress=False)
+    assert [len(prompts) for prompts, _ in engine.calls] == [3, 3, 1]
+    assert all(s.temperature == 0 and s.max_tokens == 50 for _, s in engine.calls)
+    assert [r["index"] for r in records] == list(range(7))
+    summary = summarize(records)
+    assert summary["strict_accuracy"] == pytest.approx(4 / 7)  # the even k answer in format
+    assert summary["lenient_accuracy"] == 1.0  # the odd k still end with the right number
+    assert summary["strict_format_rate"] == pytest.approx(4 / 7)
+    assert summary["completion_length"] == pytest.approx((1 + 2 + 3 + 1 + 2 + 3 + 1) / 7)
+
+
+def test_evaluate_command_on_the_real_test_file(gsm8k_dir, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = grpo(["evaluate", "--model", str(tiny_checkpoint), "--data", str(gsm8k_dir / "test.jsonl"), "--limit", "5",
+                 "--engine", "hf", "--max-tokens", "8", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[0]["reference"] == "18"  # GSM8K test row 0: Janet's ducks
+    assert all(0 < r["completion_tokens"] <= 8 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_problems"] == 5 and set(summary["metrics"]) >= {"strict_accuracy", "lenient_accuracy"}
+    assert "strict_accuracy" in capsys.readouterr().out
+
+
+def test_evaluate_command_on_a_checkpoint_matches_its_export(demo_run, tmp_path):
+    """A .ckpt and the HF folder exported from it are the same model: identical per-problem records."""
+    args = ["--data", "synthetic", "--limit", "6", "--engine", "hf", "--max-tokens", "8"]
+    ckpt = demo_run / "run" / "checkpoints" / "last.ckpt"
+    assert grpo(["evaluate", "--model", str(ckpt), *args, "--out", str(tmp_path / "a")]) == 0
+    assert grpo(["evaluate", "--model", str(demo_run / "run" / "hf_export"), *args, "--out", str(tmp_path / "b")]) == 0
+    completions = [[json.loads(x)["completion"] for x in (tmp_path / d / "problems.jsonl").read_text().splitlines()] for d in "ab"]
+    assert completions[0] == completions[1] and len(completions[0]) == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--model", "/nonexistent/model"], "does not exist"), (["--model", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+     (["--data", "/nonexistent.jsonl"], "does not exist")],
+)  # fmt: skip
+def test_evaluate_bad_input_is_one_clear_line(args, message, tiny_checkpoint, capsys):
+    base = {"--model": str(tiny_checkpoint), "--data": "synthetic"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    code = grpo(["evaluate", *[x for kv in base.items() for x in kv], "--engine", "hf", "--limit", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_validation_during_fit_is_logged(demo_run):
+    """The demo validates 32 held-out problems every 25 steps: at steps 25 and 50 of the 60-step run."""
+    rows = [r for r in metrics(demo_run) if r.get("val/accuracy")]
+    assert [int(r["step"]) for r in rows] == [24, 49]
+    for r in rows:
+        rates = ("val/accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate")
+        assert all(0 <= float(r[k]) <= 1 for k in rates)
+        assert 0 < float(r["val/completion_length"]) <= 16
+    card = (demo_run / "run" / "hf_export" / "README.md").read_text()
+    assert "## Evaluation" in card and "accuracy" in card
+
+
+def test_test_command_on_a_checkpoint(demo_run):
+    cli = main(["test", "--config", str(demo_run / "config.yaml"), "--ckpt_path", str(demo_run / "run" / "checkpoints" / "last.ckpt"),
+                "--data.test_size", "8", "--trainer.logger", "false"])  # fmt: skip
+    results = cli.trainer.callback_metrics
+    assert {"test/accuracy", "test/strict_format_rate", "test/completion_length"} <= set(results)
+    assert 0 < float(results["test/completion_length"]) <= 16

@@ -6,25 +6,42 @@ bf16 comes from ``trainer.precision``, the cosine schedule from the module, chec
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from grpo_lightning.export import export_policy, hub_token, push_to_hub, zip_folder
+from grpo_lightning.export import append_jsonl, atomic_open, export_policy, hub_token, push_to_hub, zip_folder
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written beside their final name, flushed to disk, then renamed into place.
+
+    Lightning's own writer stages in the system temp folder and *moves* the file, which is a plain copy when
+    that folder is on another filesystem: a kill during the copy would leave a truncated ``last.ckpt``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two save intervals.
+    """``ModelCheckpoint`` with crash-safe writes that also saves ``last.ckpt`` when training ends.
 
     Lightning saves on every ``every_n_train_steps`` only, so a run stopping at ``max_steps`` = 60 with
-    checkpoints every 50 would otherwise resume from step 50.
+    checkpoints every 50 would otherwise resume from step 50. Files are written by :class:`AtomicCheckpointIO`.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own plugin alone
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
@@ -126,9 +143,8 @@ class SampleTable(L.Callback):
                 columns = list(rows[0])
                 logger.log_table("samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=trainer.global_step)
             elif logger.log_dir:
-                os.makedirs(logger.log_dir, exist_ok=True)
-                with open(os.path.join(logger.log_dir, "samples.jsonl"), "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                for row in rows:
+                    append_jsonl(Path(logger.log_dir) / "samples.jsonl", row)
 
     def format(self, rows: list[dict[str, Any]]) -> str:
         lines = [f"── samples at step {rows[0]['step']} " + "─" * 40]

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from grpo_lightning.rewards import SYSTEM_PROMPT, extract_hash_answer
 
@@ -178,6 +179,38 @@ class ProblemDataset(Dataset):
         return self.problems[i]
 
 
+class ResumableSampler(Sampler[int]):
+    """Problem order fixed by ``(seed, epoch)``, so a resumed run sees exactly the uninterrupted run's order.
+
+    Lightning calls :meth:`set_epoch` at every epoch start. After a restart, :meth:`resume_at` makes the
+    first pass over that epoch skip the problems already trained on.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self.epoch, self._resume = epoch, (epoch, consumed)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start, self._resume = self._resume[1], None
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def collate_problems(problems: list[Problem]) -> dict[str, list]:
     """A batch is columns, as TRL passes them to reward functions."""
     return {
@@ -226,6 +259,8 @@ class GSM8KDataModule(L.LightningDataModule):
             eval_batch_size: Prompts per generate call during validation and test.
         """
         super().__init__()
+        # Resuming mid-epoch is handled by ResumableSampler; Lightning's generic warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be ≥ 1, got {batch_size}")
         if val_size < 0 or eval_batch_size < 1:
@@ -260,14 +295,16 @@ class GSM8KDataModule(L.LightningDataModule):
         return fresh[:n]
 
     def train_dataloader(self) -> DataLoader:
-        import torch
-
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = ResumableSampler(len(self.problems), self.hparams.seed, self.hparams.shuffle)
+        trainer = self.trainer
+        if trainer is not None:  # after a restart: skip the batches this epoch already trained on
+            trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.resume_at(trainer.current_epoch, trained * self.hparams.batch_size)
         return DataLoader(
             ProblemDataset(self.problems),
             batch_size=self.hparams.batch_size,
-            shuffle=self.hparams.shuffle,
-            generator=generator,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # workers' seeds never touch the global RNG
             collate_fn=collate_problems,
             num_workers=self.hparams.num_workers,
             drop_last=True,

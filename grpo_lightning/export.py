@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 TRAINING_RECORD = "grpo_training.json"
 """File inside an export folder with how the model was trained (base model, data, command, settings)."""
@@ -22,21 +23,27 @@ EVAL_SUMMARY = "eval_summary.json"
 
 
 # ------------------------------------------------------------------------------------------- files
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling file and a rename."""
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A file opened under a temporary sibling name; on success flushed to disk and renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, value: Any) -> Path:

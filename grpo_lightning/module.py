@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import shlex
 import sys
 import time
@@ -158,6 +159,7 @@ class GRPOModule(L.LightningModule):
         self.tokenizer: Any = None
         self.engine: RolloutEngine | None = None
         self.last_samples: list[dict[str, Any]] = []
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -177,6 +179,13 @@ class GRPOModule(L.LightningModule):
             return
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy = load_causal_lm(self.policy_config)
+        positions = getattr(self.policy.config, "max_position_embeddings", None)
+        needed = self.grpo.max_prompt_length + self.sampling.max_tokens
+        if positions and needed > positions:
+            raise ValueError(
+                f"grpo.max_prompt_length ({self.grpo.max_prompt_length}) + sampling.max_tokens ({self.sampling.max_tokens}) "
+                f"= {needed} exceeds the model's max_position_embeddings ({positions}); lower one of them"
+            )
         if self.grpo.beta > 0:
             self.reference = load_causal_lm(self.policy_config).eval().requires_grad_(False)
 
@@ -200,6 +209,11 @@ class GRPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.sync_weights()  # a resumed policy differs from the folder the engine loaded
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # resumed: sample exactly as the uninterrupted run would have
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def train(self, mode: bool = True) -> GRPOModule:
         super().train(mode)
@@ -356,6 +370,12 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.grpo.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite gradient norm at step {self.global_step}: the update was not applied. Resume from the last "
+                "checkpoint with a lower model.optim.lr, or trainer.precision: bf16-mixed instead of bf16-true"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -472,6 +492,7 @@ class GRPOModule(L.LightningModule):
         # Enough to rebuild the policy and its model card without the base weights (`grpo export`).
         checkpoint["hf_config"] = self.policy.config.to_dict()
         checkpoint["grpo_lightning"] = self.training_record()
+        checkpoint["rng_state"] = rng_state()
 
     def training_record(self) -> dict[str, Any]:
         """How this policy was trained, as plain data: base model, data, command, settings, rewards."""
@@ -488,6 +509,7 @@ class GRPOModule(L.LightningModule):
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
         if self.reference is not None:
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
@@ -511,6 +533,22 @@ def validate_config(grpo: GRPOConfig, engine: str) -> None:
         problems.append(f"engine={engine!r}: use 'hf' or 'vllm'")
     if problems:
         raise ValueError("invalid GRPO configuration:\n  " + "\n  ".join(problems))
+
+
+def rng_state() -> dict[str, Any]:
+    """The random generators rollouts draw from (torch CPU and CUDA, Python's ``random``)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _plain(value: Any) -> Any:

@@ -7,3 +7,7 @@ def raising_reward(prompts, completions, **kwargs):
 
 def wrong_length_reward(prompts, completions, **kwargs):
     return [1.0]
+
+
+def nan_reward(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)

@@ -1,0 +1,278 @@
+"""Reliability: kill -9 and resume, crash-safe writes, hostile rewards and prompts, safe defaults, a long run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, ScriptedEngine, demo_config, metrics
+from grpo_lightning.callbacks import AtomicCheckpointIO
+from grpo_lightning.cli import main
+from grpo_lightning.export import atomic_open, write_json
+
+
+def _policy(ckpt) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("policy.")}
+
+
+def _train(cfg, *extra, wait_for=None) -> None:
+    """`python train.py fit` in a subprocess; with ``wait_for``, kill -9 it as soon as that file exists."""
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(cfg), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if wait_for is None:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+        return
+    deadline = time.monotonic() + 600
+    while not wait_for.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next step: rollout, loss or optimizer
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Same weights, optimizer, schedule, RNG and data order: the resumed run ends bit-identical."""
+
+    def config(name):
+        cfg = demo_config(tmp_path / name, trainer={"max_steps": 8})
+        cfg_dict = yaml.safe_load(cfg.read_text())
+        cfg_dict["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 3
+        cfg_dict["data"]["synthetic_size"] = 24  # 6 batches per epoch: the 8 steps cross an epoch boundary
+        cfg_dict["data"]["val_size"] = 0
+        cfg.write_text(yaml.safe_dump(cfg_dict))
+        return cfg
+
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
+    _train(config("straight"))
+    killed = config("killed")
+    checkpoints = tmp_path / "killed" / "run" / "checkpoints"
+    _train(killed, wait_for=checkpoints / "epoch=0-step=3.ckpt")
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] in (3, 6)  # died before the end
+    _train(killed, "--ckpt_path", "last")
+    straight = _policy(tmp_path / "straight" / "run" / "checkpoints" / "last.ckpt")
+    resumed = _policy(checkpoints / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("crash in the middle of writing")
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="crash in the middle"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(1000), "bad": _Unpicklable()}, path)
+    assert path.read_bytes() == before and torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary leftovers
+
+
+def test_a_crash_while_writing_a_summary_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "summary.json"
+    write_json(path, {"step": 1})
+    with pytest.raises(KeyboardInterrupt), atomic_open(path) as f:
+        f.write('{"step": 2, "half')
+        raise KeyboardInterrupt  # killed mid-write
+    assert json.loads(path.read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_checkpoints_are_written_atomically_in_training(tmp_path):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0})
+    cli = main(["fit", "--config", str(cfg)])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class _EqualRewardEngine(ScriptedEngine):
+    """Every completion of a group is the same: empty (EOS only) for the first prompt, a word for the rest."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__([])
+        self.eos, self.word = tokenizer.eos_token_id, tokenizer.encode(" apples")
+
+    def generate(self, prompt_ids, n, sampling):
+        from grpo_lightning.rollout import Rollout
+
+        ids = [[self.eos] if g == 0 else [*self.word, self.eos] for g in range(len(prompt_ids)) for _ in range(n)]
+        texts = ["" if g == 0 else " apples" for g in range(len(prompt_ids)) for _ in range(n)]
+        return Rollout([list(p) for p in prompt_ids], ids, texts, [False] * len(ids), n)
+
+
+def test_equal_rewards_and_empty_completions_give_a_finite_zero_step(tmp_path, monkeypatch):
+    import grpo_lightning.module as module
+
+    monkeypatch.setattr(module, "make_engine", lambda kind, model, tokenizer, **kw: _EqualRewardEngine(tokenizer))
+    cfg = demo_config(tmp_path, trainer={"max_steps": 2}, data={"val_size": 0})
+    main(["fit", "--config", str(cfg)])
+    rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
+    assert [float(r["train/frac_reward_zero_std"]) for r in rows] == [1.0, 1.0]
+    for r in rows:  # zero advantages and a policy still equal to the reference: nothing to learn, nothing breaks
+        assert abs(float(r["train/loss"])) < 1e-6 and float(r["train/grad_norm"]) < 1e-5
+        assert math.isfinite(float(r["train/kl"]))
+
+
+def test_reward_errors_become_zero_with_a_warning_when_asked(tmp_path):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
+                      model={"grpo.reward_funcs": ["reward_fixtures:nan_reward", "xmlcount_reward_func"], "grpo.on_reward_error": "zero"})  # fmt: skip
+    with pytest.warns(UserWarning, match="reward function 'nan_reward' returned non-finite values"):
+        main(["fit", "--config", str(cfg)])
+    (row,) = [r for r in metrics(tmp_path) if r.get("train/rewards/nan_reward")]
+    assert float(row["train/rewards/nan_reward"]) == 0.0
+
+
+def test_nan_reward_stops_training_naming_the_function(tmp_path):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"grpo.reward_funcs": ["reward_fixtures:nan_reward"]})
+    with pytest.raises(ValueError, match="reward function 'nan_reward' returned non-finite values"):
+        main(["fit", "--config", str(cfg)])
+
+
+class _TruncatedEngine(ScriptedEngine):
+    """Completions that differ in reward (format tags or not), all flagged as cut at max_tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__([])
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt_ids, n, sampling):
+        from grpo_lightning.rollout import Rollout
+
+        texts = ["<reasoning>\nadd\n</reasoning>\n<answer>\n5\n</answer>" if i % 2 else " apples" for i in range(len(prompt_ids) * n)]
+        ids = [self.tokenizer.encode(t) for t in texts]
+        return Rollout([list(p) for p in prompt_ids], ids, texts, [True] * len(ids), n)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_masking_truncated_completions_removes_them_from_the_loss(tmp_path, monkeypatch, mask):
+    import grpo_lightning.module as module
+
+    monkeypatch.setattr(module, "make_engine", lambda kind, model, tokenizer, **kw: _TruncatedEngine(tokenizer))
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"grpo.mask_truncated_completions": mask})
+    main(["fit", "--config", str(cfg)])
+    (row,) = [r for r in metrics(tmp_path) if r.get("train/grad_norm")]
+    assert float(row["train/truncated_fraction"]) == 1.0 and float(row["train/reward_std"]) > 0
+    assert (float(row["train/grad_norm"]) == 0.0) == mask  # masked: nothing left to learn from
+
+
+@pytest.mark.parametrize("policy, expected", [("raise", "exceeds max_prompt_length=20"), ("truncate", None)])
+def test_long_prompts_are_rejected_or_truncated_by_flag(tmp_path, policy, expected):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
+                      model={"grpo.max_prompt_length": 20, "grpo.on_long_prompt": policy})  # fmt: skip
+    if expected:
+        with pytest.raises(ValueError, match=expected):
+            main(["fit", "--config", str(cfg)])
+    else:
+        with pytest.warns(UserWarning, match="left-truncated"):
+            main(["fit", "--config", str(cfg)])
+        assert [r for r in metrics(tmp_path) if r.get("train/loss")]
+
+
+def test_prompt_plus_completion_beyond_the_model_is_refused(tmp_path):
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"grpo.max_prompt_length": 1000, "sampling.max_tokens": 100})
+    with pytest.raises(ValueError, match=r"= 1100 exceeds the model's max_position_embeddings \(1024\)"):
+        main(["fit", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("wrong", [{"model.grpo.beta": "lots"}, {"data.batch_size": 2.5}])
+def test_wrong_types_are_named(tmp_path, wrong, capsys):
+    ((key, value),) = wrong.items()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(demo_config(tmp_path)), f"--{key}", str(value)])
+    assert key.split(".")[-1] in capsys.readouterr().err
+
+
+def test_offline_hub_errors_name_hf_hub_offline_and_local_paths():
+    from grpo_lightning.data import DataError, GSM8KDataModule
+    from grpo_lightning.models import ModelConfig, ModelLoadError, load_tokenizer
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 and pass a local folder"):
+        load_tokenizer(ModelConfig("someone/some-model-that-is-not-cached"))
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
+        GSM8KDataModule(source="someone/some-dataset-that-is-not-cached").setup("fit")
+
+
+def test_remote_code_in_a_checkpoint_never_runs_by_default(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from grpo_lightning.models import ModelConfig, load_causal_lm
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, folder)
+    marker = tmp_path / "executed"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ModelConfig().trust_remote_code is False
+    try:
+        load_causal_lm(ModelConfig(str(folder)))
+    except Exception:
+        pass  # refusing is fine too; running the file is not
+    assert not marker.exists()
+
+
+def test_model_text_is_never_executed(tmp_path):
+    from grpo_lightning.evaluation import grade
+    from grpo_lightning.rewards import NOTEBOOK_REWARDS, combine_rewards
+
+    marker = tmp_path / "executed"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).write_text('pwned')"
+    texts = [f"<reasoning>\n{payload}\n</reasoning>\n<answer>\n{payload}\n</answer>\n", f"{{{{ {payload} }}}}"]
+    scores = combine_rewards(NOTEBOOK_REWARDS, [None] * 2, texts, answer=["1", "2"])
+    grades = [grade(t, "1") for t in texts]
+    assert not marker.exists()
+    assert scores.per_function["correctness_reward_func"] == [0.0, 0.0] and not any(g.strict_correct for g in grades)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+class _MemoryProbe:
+    def __init__(self) -> None:
+        self.samples: dict[int, float] = {}
+
+    def __call__(self, trainer, *args) -> None:
+        if trainer.global_step % 50 == 0:
+            self.samples[trainer.global_step] = _rss_mib()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_long_run_memory_stays_flat(tmp_path):
+    """300 tiny steps: resident memory levels off (allocator warm-up until ~step 200, then < 16 MiB per 100 steps).
+
+    Python-level allocations stay flat throughout (tracemalloc: +0.05 MiB from step 150 to 300); the early RSS
+    rise is glibc/torch arenas settling on the varying sequence lengths, not a leak that grows with steps.
+    """
+    import lightning as L
+
+    probe = _MemoryProbe()
+    callback = type("Probe", (L.Callback,), {"on_train_batch_end": lambda self, trainer, *a: probe(trainer)})()
+    cfg = demo_config(tmp_path, trainer={"max_steps": 300, "log_every_n_steps": 10}, data={"val_size": 0},
+                      model={"grpo.num_generations": 4, "sampling.max_tokens": 8, "grpo.log_samples_every_n_steps": 50})  # fmt: skip
+    cli = main(["--config", str(cfg)], run=False)
+    cli.trainer.callbacks.append(callback)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 300
+    growth = probe.samples[300] - probe.samples[200]
+    print(f"RSS MiB by step: {probe.samples}; growth 200→300: {growth:.1f} MiB")
+    assert growth < 16, probe.samples

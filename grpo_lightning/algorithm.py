@@ -87,6 +87,86 @@ def token_logprobs(
     return torch.cat(out).view(tokens.shape)
 
 
+def head_token_logprobs(
+    hidden: torch.Tensor,  # [N, T, H] last hidden states (after the final norm)
+    weight: torch.Tensor,  # [V, H] output head (lm_head) weight, no bias
+    tokens: torch.Tensor,  # [N, T]
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:  # [N, T] float32
+    """``token_logprobs(hidden @ weight.T, tokens)`` without ever holding the ``[N, T, V]`` logits.
+
+    Fused head + log-softmax: ``chunk_size`` rows of ``N·T`` are projected, reduced to the taken token's
+    log-prob and dropped; the backward pass recomputes each chunk instead of saving it. Peak extra memory is a
+    few ``chunk_size × V`` floats whatever N and T are (benchmarks/logprob_memory.py measures it). The matmul
+    runs in the autocast dtype when autocast is on, as ``lm_head`` would.
+    """
+    if hidden.shape[:-1] != tokens.shape or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"head_token_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and tokens "
+            f"{tuple(tokens.shape)} do not fit [N, T, H], [V, H], [N, T]"
+        )
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    flat = _HeadLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), temperature, chunk_size, dtype)
+    return flat.view(tokens.shape)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Autograd for ``head_token_logprobs`` on flat rows: saves only hidden, weight and tokens."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk_size, dtype):  # [M, H], [V, H], [M] → [M]
+        out = hidden.new_empty(tokens.shape, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for rows in _chunks(tokens.numel(), chunk_size):
+                out[rows] = _taken_logprobs(_scaled_logits(hidden[rows], w, temperature), tokens[rows])
+        ctx.save_for_backward(hidden, weight, tokens)
+        ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [M]
+        hidden, weight, tokens = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            for rows in _chunks(tokens.numel(), ctx.chunk_size):
+                h = hidden[rows].to(ctx.dtype)
+                grad_logits = _logits_grad(_scaled_logits(h, w, ctx.temperature), tokens[rows], grad_out[rows], ctx.temperature, ctx.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.add_(grad_logits.T @ h)
+                del grad_logits  # before the next chunk's logits exist: peak memory is one chunk, not two
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _taken_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # [c, V], [c] → [c]
+    # A function, so the chunk's [c, V] log-softmax is freed before the next chunk's logits are computed
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _logits_grad(logits, tokens, grad_out, temperature: float, dtype: torch.dtype) -> torch.Tensor:  # [c, V]
+    """d logp(token) / d logits = (onehot(token) − softmax) / temperature, times the incoming gradient."""
+    grad = torch.softmax(logits, dim=-1)
+    del logits  # the caller passed a temporary: this frees it
+    grad.mul_(-grad_out[:, None]).scatter_add_(-1, tokens[:, None], grad_out[:, None].float())
+    return grad.div_(temperature).to(dtype)
+
+
+def _scaled_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:  # [c, V] float32
+    logits = (hidden.to(weight.dtype) @ weight.T).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, total, size)]
+
+
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:  # [N, T] → [N, T]
     """Per-token KL(π_θ ‖ π_ref) estimate ``exp(d) − d − 1`` with ``d = ref − logp``: unbiased, ≥ 0.
 

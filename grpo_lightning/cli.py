@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -123,6 +124,22 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (default: 0.85)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint to run")
+    parser.add_argument("--system-prompt", help="system turn (default: the notebook's, as in training)")
+    parser.add_argument("--user-template", default="{question}", help="user turn, {question} replaced (default: the question)")
+    parser.add_argument("--prompt-from", metavar="CONFIG", help="take system prompt and user template from a training recipe")
+
+
+def _style(args: argparse.Namespace):
+    from grpo_lightning.data import PromptStyle
+    from grpo_lightning.rewards import SYSTEM_PROMPT
+
+    style = PromptStyle(args.system_prompt if args.system_prompt is not None else SYSTEM_PROMPT, args.user_template)
+    if args.prompt_from:
+        import yaml
+
+        grpo_cfg = (yaml.safe_load(Path(args.prompt_from).read_text(encoding="utf-8")) or {}).get("model", {}).get("grpo", {})
+        style = PromptStyle(grpo_cfg.get("system_prompt", style.system_prompt), grpo_cfg.get("user_template", style.user_template))
+    return style
 
 
 def _open(args: argparse.Namespace):
@@ -145,11 +162,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     problems = to_problems(rows, source=args.data)[: args.limit]
     loaded, engine = _open(args)
     start = time.perf_counter()
-    records = evaluate(engine, loaded.tokenizer, problems, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    records = evaluate(engine, loaded.tokenizer, problems, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                       style=_style(args))  # fmt: skip
     out = Path(args.out or Path("runs/eval") / Path(args.model.rstrip("/")).name)
     summary = write_results(
         out, records, model=args.model, gguf_file=args.gguf_file, data=args.data, split=args.split,
-        engine=type(engine).__name__, max_tokens=args.max_tokens, seconds=round(time.perf_counter() - start, 1),
+        engine=type(engine).__name__, max_tokens=args.max_tokens, prompt=dataclasses.asdict(_style(args)), seconds=round(time.perf_counter() - start, 1),
     )  # fmt: skip
     width = max(map(len, summary["metrics"]))
     print(f"{args.model} on {args.data} ({len(records)} problems):")
@@ -170,7 +188,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     def ask(batch: list[str]) -> None:
         for row in answer_questions(engine, loaded.tokenizer, batch, model_name=args.model, sampling=sampling,
-                                    num_samples=args.num_samples):  # fmt: skip
+                                    num_samples=args.num_samples, style=_style(args)):  # fmt: skip
             print(render(row))
             append_jsonl(args.output, row)
 

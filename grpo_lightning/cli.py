@@ -161,13 +161,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     rows = synthetic_rows(args.limit or 200, seed=1) if args.data == SYNTHETIC else load_rows(args.data, args.split)
     problems = to_problems(rows, source=args.data)[: args.limit]
     loaded, engine = _open(args)
+    style = _style(args)
     start = time.perf_counter()
     records = evaluate(engine, loaded.tokenizer, problems, max_tokens=args.max_tokens, batch_size=args.batch_size,
-                       style=_style(args))  # fmt: skip
+                       style=style)  # fmt: skip
     out = Path(args.out or Path("runs/eval") / Path(args.model.rstrip("/")).name)
     summary = write_results(
         out, records, model=args.model, gguf_file=args.gguf_file, data=args.data, split=args.split,
-        engine=type(engine).__name__, max_tokens=args.max_tokens, prompt=dataclasses.asdict(_style(args)), seconds=round(time.perf_counter() - start, 1),
+        engine=type(engine).__name__, max_tokens=args.max_tokens, prompt=dataclasses.asdict(style), seconds=round(time.perf_counter() - start, 1),
     )  # fmt: skip
     width = max(map(len, summary["metrics"]))
     print(f"{args.model} on {args.data} ({len(records)} problems):")
@@ -184,11 +185,12 @@ def _infer(args: argparse.Namespace) -> int:
     questions = list(args.question) + (read_questions(args.input) if args.input else [])
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     check_samples(args.num_samples, sampling)  # before the model loads
+    style = _style(args)
     loaded, engine = _open(args)
 
     def ask(batch: list[str]) -> None:
         for row in answer_questions(engine, loaded.tokenizer, batch, model_name=args.model, sampling=sampling,
-                                    num_samples=args.num_samples, style=_style(args)):  # fmt: skip
+                                    num_samples=args.num_samples, style=style):  # fmt: skip
             print(render(row))
             append_jsonl(args.output, row)
 

@@ -59,7 +59,7 @@ class HFExport(L.Callback):
     """
 
     def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False, zip: bool = False,
-                 push_to_hub: str | None = None, private: bool = False) -> None:  # fmt: skip
+                 push_to_hub: str | None = None, private: bool = False, adapter_only: bool = False) -> None:  # fmt: skip
         """
         Args:
             dirpath: Folder of the final export (relative paths are under the trainer's default_root_dir).
@@ -67,12 +67,14 @@ class HFExport(L.Callback):
             zip: Also write <dirpath>.zip of the final export.
             push_to_hub: Hub repository "user/name" to upload the final export to (token: HF_TOKEN or `hf auth login`).
             private: Create the Hub repository as private.
+            adapter_only: LoRA runs: write the adapter alone instead of the merged model.
         """
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
         self.zip = zip
         self.push_to_hub = push_to_hub
         self.private = private
+        self.adapter_only = adapter_only
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         if self.push_to_hub and stage == "fit":
@@ -82,13 +84,16 @@ class HFExport(L.Callback):
         path = Path(self.dirpath)
         return path if path.is_absolute() else Path(trainer.default_root_dir) / path
 
-    @rank_zero_only
     def export(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> Path:
-        export_policy(
-            pl_module.policy, pl_module.tokenizer, out_dir,
-            record=pl_module.training_record(), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
-        )  # fmt: skip
-        rank_zero_info(f"HF export written to {out_dir}")
+        """Called on every process (sharded weights are gathered collectively); rank 0 writes."""
+        policy = pl_module.exportable_policy()
+        if trainer.is_global_zero:
+            export_policy(
+                policy, pl_module.tokenizer, out_dir,
+                record=pl_module.training_record(), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
+                adapter_only=self.adapter_only,
+            )  # fmt: skip
+            rank_zero_info(f"HF export written to {out_dir}")
         return out_dir
 
     @staticmethod
@@ -105,9 +110,10 @@ class HFExport(L.Callback):
             final = self._resolve(trainer)
             self.export(trainer, pl_module, final.with_name(f"{final.name}-step-{trainer.global_step}"))
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         folder = self.export(trainer, pl_module, self._resolve(trainer))
+        if not trainer.is_global_zero:
+            return
         if self.zip:
             rank_zero_info(f"zipped to {zip_folder(folder)}")
         if self.push_to_hub:

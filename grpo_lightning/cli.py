@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder to write (needed for a .ckpt)")
     ex.add_argument("--base", help="base model folder/name for the tokenizer, when the run's has moved")
     ex.add_argument("--eval-summary", help="summary.json of `grpo evaluate`, shown in the model card")
+    ex.add_argument("--adapter-only", action="store_true", help="LoRA runs: write the adapter alone (default: merged into the model)")
     ex.add_argument("--zip", action="store_true", help="also write <out>.zip")
     ex.add_argument("--push-to-hub", metavar="USER/REPO", help="upload to this Hub repository (token: HF_TOKEN or `hf auth login`)")
     ex.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -220,12 +221,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.source.endswith(".ckpt"):
         if not args.out:
             raise ValueError("exporting a .ckpt needs --out FOLDER")
-        loaded = load_checkpoint_policy(args.source, base=args.base)
+        loaded = load_checkpoint_policy(args.source, base=args.base, merge_lora=not args.adapter_only)
         folder = export_policy(loaded.model, loaded.tokenizer, args.out, record=loaded.record, evaluation=evaluation,
-                               repo_id=args.push_to_hub)  # fmt: skip
+                               repo_id=args.push_to_hub, adapter_only=args.adapter_only)  # fmt: skip
     else:
         folder = Path(args.source)
-        if not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             raise ValueError(f"{args.source!r} is neither a .ckpt nor an exported model folder (no config.json)")
         if evaluation:
             write_json(folder / EVAL_SUMMARY, evaluation)

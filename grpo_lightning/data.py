@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from grpo_lightning.rewards import SYSTEM_PROMPT, extract_hash_answer
 
@@ -189,22 +190,23 @@ class ProblemDataset(Dataset):
         return self.problems[i]
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Problem order fixed by ``(seed, epoch)``, so a resumed run sees exactly the uninterrupted run's order.
 
-    Lightning calls :meth:`set_epoch` at every epoch start. After a restart, :meth:`resume_at` makes the
-    first pass over that epoch skip the problems already trained on.
+    With ``num_replicas`` processes, process ``rank`` takes every ``num_replicas``-th problem of that one
+    global order: the union of the processes' batches is the batch a single process would train on with
+    ``num_replicas`` times the batch size. (A ``DistributedSampler``, so Lightning does not wrap it again.)
+    Lightning calls :meth:`set_epoch` at every epoch start; after a restart, :meth:`resume_at` makes the
+    first pass over that epoch skip the problems already trained on by all processes.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch = 0
+    def __init__(self, size: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.size = size
         self._resume: tuple[int, int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def resume_at(self, epoch: int, consumed: int) -> None:
+        """Start ``epoch`` after its first ``consumed`` problems (counted over all processes)."""
         self.epoch, self._resume = epoch, (epoch, consumed)
 
     def __iter__(self):
@@ -215,10 +217,12 @@ class ResumableSampler(Sampler[int]):
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start, self._resume = self._resume[1], None
-        return iter(order[start:])
+        order = order[start:]
+        usable = len(order) - len(order) % self.num_replicas  # every process gets the same number of problems
+        return iter(order[self.rank : usable : self.num_replicas])
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.num_replicas
 
 
 def collate_problems(problems: list[Problem]) -> dict[str, list]:
@@ -255,7 +259,7 @@ class GSM8KDataModule(L.LightningDataModule):
         Args:
             source: Hub dataset name, local .jsonl/.parquet file, or "synthetic" for generated problems.
             split: Split to read from a Hub dataset ("train" or "test").
-            batch_size: Prompts per training step (B); each gets G completions.
+            batch_size: Prompts per training step and process (B); each gets G completions. Global batch: B × processes.
             limit: Use only the first `limit` problems (None: all).
             synthetic_size: Number of generated problems when source is "synthetic".
             seed: Seed of the shuffling order (and of synthetic problems).
@@ -305,11 +309,12 @@ class GSM8KDataModule(L.LightningDataModule):
         return fresh[:n]
 
     def train_dataloader(self) -> DataLoader:
-        sampler = ResumableSampler(len(self.problems), self.hparams.seed, self.hparams.shuffle)
         trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(self.problems), self.hparams.seed, self.hparams.shuffle, world, rank)
         if trainer is not None:  # after a restart: skip the batches this epoch already trained on
             trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.resume_at(trainer.current_epoch, trained * self.hparams.batch_size)
+            sampler.resume_at(trainer.current_epoch, trained * self.hparams.batch_size * world)
         return DataLoader(
             ProblemDataset(self.problems),
             batch_size=self.hparams.batch_size,

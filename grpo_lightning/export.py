@@ -7,6 +7,7 @@ killed process never leaves a half-written file that looks valid.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -96,6 +97,7 @@ def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | Path, extra_files:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        _usual_permissions(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,15 +106,32 @@ def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | Path, extra_files:
 
 
 def export_policy(model: Any, tokenizer: Any, out_dir: str | Path, *, record: Mapping[str, Any] | None = None,
-                  evaluation: Mapping[str, Any] | None = None, repo_id: str | None = None) -> Path:  # fmt: skip
-    """An HF folder with the model, tokenizer, training record, evaluation summary and model card."""
+                  evaluation: Mapping[str, Any] | None = None, repo_id: str | None = None,
+                  adapter_only: bool = False) -> Path:  # fmt: skip
+    """An HF folder with the model, tokenizer, training record, evaluation summary and model card.
+
+    A LoRA (peft) model is written merged into a plain model, or with ``adapter_only`` as its adapter alone
+    (``adapter_model.safetensors``, loaded onto the base model with ``PeftModel.from_pretrained``).
+    """
+    adapter = hasattr(model, "merge_and_unload")  # a peft model
+    if adapter and not adapter_only:
+        model, adapter = copy.deepcopy(model).merge_and_unload(), False  # a copy: the live adapters keep training
     model.config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    files = {"README.md": model_card(record or {}, evaluation, repo_id)}
+    files = {"README.md": model_card(record or {}, evaluation, repo_id, adapter=adapter)}
     if record:
         files[TRAINING_RECORD] = json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n"
     if evaluation:
         files[EVAL_SUMMARY] = json.dumps(evaluation, indent=2, ensure_ascii=False, default=str) + "\n"
     return save_hf_folder(model, tokenizer, out_dir, extra_files=files)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """What a plain ``mkdir`` and ``open`` would have given (``mkdtemp`` makes the folder private to its owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -137,11 +156,13 @@ def zip_folder(folder: str | Path, zip_path: str | Path | None = None) -> Path:
 
 
 # -------------------------------------------------------------------------------------- model card
-def model_card(record: Mapping[str, Any], evaluation: Mapping[str, Any] | None = None, repo_id: str | None = None) -> str:
+def model_card(record: Mapping[str, Any], evaluation: Mapping[str, Any] | None = None, repo_id: str | None = None,
+               adapter: bool = False) -> str:  # fmt: skip
     """A Hub model card (README.md): base model, data, command, settings, rewards and evaluation results."""
     base = record.get("base_model", "unknown")
     dataset = record.get("dataset", "unknown")
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- grpo", "- grpo-lightning"]
+    library = "peft" if adapter else "transformers"
+    front = ["---", f"library_name: {library}", "pipeline_tag: text-generation", "tags:", "- grpo", "- grpo-lightning"]
     if _is_hub_id(base):
         front.append(f"base_model: {base}")
     if _is_hub_id(dataset):
@@ -174,13 +195,19 @@ def model_card(record: Mapping[str, Any], evaluation: Mapping[str, Any] | None =
         if evaluation.get("data"):
             lines += ["", f"On `{evaluation['data']}` ({evaluation.get('num_problems', '?')} problems), greedy decoding."]
         lines.append("")
+    here = repo_id or "path/to/this/folder"
+    load = (
+        ["from peft import AutoPeftModelForCausalLM", f'model = AutoPeftModelForCausalLM.from_pretrained("{here}")  # base + LoRA adapter']
+        if adapter
+        else ["from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{here}")']
+    )
     lines += [
         "## Usage",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "path/to/this/folder"}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        *load,
+        "from transformers import AutoTokenizer",
+        f'tokenizer = AutoTokenizer.from_pretrained("{here}")',
         "```",
         "",
         "The model expects the system prompt it was trained with (`grpo_lightning.rewards.SYSTEM_PROMPT`) and "
@@ -203,7 +230,8 @@ def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
     folder = Path(folder)
     record = _read_json(folder / TRAINING_RECORD) or {}
     evaluation = _read_json(folder / EVAL_SUMMARY)
-    return write_atomic(folder / "README.md", model_card(record, evaluation, repo_id))
+    adapter = (folder / "adapter_config.json").is_file()
+    return write_atomic(folder / "README.md", model_card(record, evaluation, repo_id, adapter=adapter))
 
 
 def _read_json(path: Path) -> Any:

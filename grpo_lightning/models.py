@@ -8,6 +8,7 @@ Errors say what to change: a missing local folder, a folder that is not a model,
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,91 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
 
 
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, through peft) instead of full fine-tuning."""
+
+    rank: int = 0
+    """r: rank of each adapter (0: off, every weight trains). The notebook's LoRA variant used 16."""
+    alpha: float = 64.0
+    """Adapters add (alpha / rank) · B·A to each target weight (the notebook's variant: 64)."""
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    """Linear layers that get adapters (default: every attention and MLP projection)."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
+    """``model`` with trainable adapters on ``cfg.target_modules``; every original weight is frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("LoRA needs peft: pip install 'grpo-lightning[lora]'") from err
+    if cfg.rank < 0 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"lora: need rank ≥ 0, alpha > 0 and 0 ≤ dropout < 1, got {cfg.rank}/{cfg.alpha}/{cfg.dropout}")
+    peft_config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=cfg.dropout,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as err:  # e.g. a target module the architecture does not have
+        raise ValueError(f"lora.target_modules={list(cfg.target_modules)}: {err}") from err
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    return model
+
+
+def merged_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters of the plain model ``model`` stands for, under its names.
+
+    For a LoRA model each adapted weight is W + (α/r)·B·A, computed as a new tensor: the frozen W is never
+    merged and unmerged in place, which would let rounding drift into the base (and the reference) model.
+    """
+    if not hasattr(model, "merge_and_unload"):  # not a peft model
+        yield from ((name, gathered(param)) for name, param in model.named_parameters())
+        return
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                continue
+            owner = name.removesuffix(".base_layer.weight")
+            if owner != name:  # an adapted Linear
+                layer = modules[owner]
+                param = param + sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(param.dtype)
+            yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), gathered(param)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) weight gathered from all processes; a plain tensor unchanged."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard(model: Any, mesh: Any) -> Any:
+    """FSDP2: each transformer block, then the rest of ``model``, sharded over the processes of ``mesh``.
+
+    Every process keeps 1/W of each weight; a block's full weights exist only while it runs (forward, backward,
+    or a sync that asks for ``full_tensor()``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the model peft generates with
+    blocks = set(getattr(root, "_no_split_modules", None) or ())
+    for module in root.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    return model
+
+
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says what to change."""
 
@@ -51,7 +137,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def _check_loadable(cfg: ModelConfig) -> None:
+def check_loadable(cfg: ModelConfig) -> None:
+    """Resolve ``pkg:`` names, build the tiny model when asked, and refuse folders that hold no model."""
     cfg.name_or_path = resolve_path(cfg.name_or_path)
     path = Path(cfg.name_or_path).expanduser()
     if cfg.build_tiny and not path.exists():
@@ -77,7 +164,7 @@ def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    _check_loadable(cfg)
+    check_loadable(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code
@@ -95,7 +182,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
     """The model in train mode (``from_pretrained`` returns eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    _check_loadable(cfg)
+    check_loadable(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, gguf_file=cfg.gguf_file, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -174,11 +261,13 @@ def _default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_remote_code: bool = False,
+                           merge_lora: bool = True) -> LoadedModel:  # fmt: skip
     """The policy of a GRPOModule checkpoint, built from its stored architecture and weights.
 
     The tokenizer comes from the base model the run started from (``base`` overrides it when that
-    folder has moved). Loaded with ``weights_only=True``: a checkpoint can never run code.
+    folder has moved). A LoRA run's adapters are merged into the weights unless ``merge_lora`` is False.
+    Loaded with ``weights_only=True``: a checkpoint can never run code.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -191,18 +280,28 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     weights = {k.removeprefix(POLICY_PREFIX): v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
     if not weights:
         raise ModelLoadError(f"{str(path)!r} holds no policy weights (no '{POLICY_PREFIX}*' keys): not a grpo-lightning checkpoint")
-    policy = dict(checkpoint.get("hyper_parameters", {}).get("policy") or {})
-    known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in policy.items() if k in known})
+    hyper = checkpoint.get("hyper_parameters", {})
+    cfg = _dataclass_from(ModelConfig, hyper.get("policy"))
+    lora = _dataclass_from(LoRAConfig, hyper.get("lora"))
     cfg.name_or_path = base or cfg.name_or_path
     cfg.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(cfg)
     model = _model_from_config(cfg, checkpoint.get("hf_config"), next(iter(weights.values())).dtype)
+    if lora.enabled:
+        model = apply_lora(model, lora)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise ModelLoadError(f"{str(path)!r}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    if lora.enabled and merge_lora:
+        model = model.merge_and_unload()
     return LoadedModel(model.eval(), tokenizer, str(path), folder=None, record=checkpoint.get("grpo_lightning", {}))
+
+
+def _dataclass_from(cls: type, values: Any) -> Any:
+    """``cls`` from a checkpoint's stored settings, ignoring fields this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in dict(values or {}).items() if k in known})
 
 
 def _model_from_config(cfg: ModelConfig, hf_config: dict | None, dtype: torch.dtype) -> Any:

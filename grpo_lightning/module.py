@@ -8,6 +8,7 @@ generation, scoring and (with μ > 1) several optimizer updates over the same ro
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -37,7 +38,18 @@ from grpo_lightning.batch import SequenceBatch, pack_sequences, pad_rows
 from grpo_lightning.data import OnLongPrompt, Problem, PromptStyle, encode_prompt, prompt_messages
 from grpo_lightning.evaluation import evaluate
 from grpo_lightning.export import save_hf_folder
-from grpo_lightning.models import ModelConfig, load_causal_lm, load_tokenizer, plain_output_head
+from grpo_lightning.models import (
+    LoRAConfig,
+    ModelConfig,
+    apply_lora,
+    check_loadable,
+    gathered,
+    load_causal_lm,
+    load_tokenizer,
+    merged_weights,
+    plain_output_head,
+    shard,
+)
 from grpo_lightning.rewards import (
     NOTEBOOK_REWARDS,
     SYSTEM_PROMPT,
@@ -124,11 +136,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-STEP_METRICS = (
-    "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
-    "train/truncated_fraction", "train/kl", "train/clip_ratio/low", "train/clip_ratio/high", "train/loss",
-    "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/seconds", "rollout/sync_seconds", "rollout/is_ratio",
-)  # fmt: skip
 PROGRESS_BAR = ("train/reward", "train/kl")
 EVAL_METRICS = {  # logged name → per-problem record field of grpo_lightning.evaluation
     "accuracy": "strict_correct", "lenient_accuracy": "lenient_correct", "strict_format_rate": "strict_format",
@@ -149,6 +156,7 @@ class GRPOModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         engine: Literal["hf", "vllm"] = "hf",
         vllm: VLLMConfig = VLLMConfig(),  # noqa: B008
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008
     ) -> None:
         """
         Args:
@@ -158,11 +166,12 @@ class GRPOModule(L.LightningModule):
             optim: Optimizer and learning-rate schedule.
             engine: Rollout engine: "hf" (transformers generate) or "vllm".
             vllm: Settings of the vLLM engine.
+            lora: Train low-rank adapters instead of all weights (lora.rank > 0); the reference is then the base model.
         """
         super().__init__()
         self.automatic_optimization = False
         self.policy_config, self.grpo, self.sampling, self.optim = policy, grpo, sampling, optim
-        self.engine_kind, self.vllm_config = engine, vllm
+        self.engine_kind, self.vllm_config, self.lora = engine, vllm, lora
         validate_config(self.grpo, engine)
         self.reward_funcs = [resolve_reward(spec) for spec in self.grpo.reward_funcs]
         if self.grpo.reward_weights is not None and len(self.grpo.reward_weights) != len(self.reward_funcs):
@@ -170,13 +179,12 @@ class GRPOModule(L.LightningModule):
                 f"grpo.reward_weights has {len(self.grpo.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
             )
         self.save_hyperparameters()
-        names = [*STEP_METRICS, *(f"train/rewards/{reward_name(f)}" for f in self.reward_funcs)]
-        self.step_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in names})
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{stage}/{name}": MeanMetric() for stage in ("val", "test") for name in EVAL_METRICS}
         )
         self.policy: Any = None
         self.reference: Any = None
+        self.sharded = False  # parameters sharded across processes (FSDP2)
         self.tokenizer: Any = None
         self.engine: RolloutEngine | None = None
         self.last_samples: list[dict[str, Any]] = []
@@ -198,6 +206,10 @@ class GRPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        if self._trainer:  # one process builds the tiny demo model (or fails on a bad path); the others wait
+            if self.global_rank == 0:
+                check_loadable(self.policy_config)
+            self.trainer.strategy.barrier("model-files")
         self.tokenizer = load_tokenizer(self.policy_config)
         self.policy = load_causal_lm(self.policy_config)
         positions = getattr(self.policy.config, "max_position_embeddings", None)
@@ -207,19 +219,58 @@ class GRPOModule(L.LightningModule):
                 f"grpo.max_prompt_length ({self.grpo.max_prompt_length}) + sampling.max_tokens ({self.sampling.max_tokens}) "
                 f"= {needed} exceeds the model's max_position_embeddings ({positions}); lower one of them"
             )
-        if self.grpo.beta > 0:  # the initial policy, frozen (a copy: no second load, same for GGUF and Hub models)
+        if self.lora.enabled:  # the reference is the same model with its adapters switched off: no copy
+            self.policy = apply_lora(self.policy, self.lora)
+        elif self.grpo.beta > 0:  # the initial policy, frozen (a copy: no second load, same for GGUF and Hub models)
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        mesh = self.sharding_mesh()
+        self.sharded = mesh is not None
+        if self.sharded:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    shard(model, mesh)
+            # FSDP2 checkpoints are loaded before on_load_checkpoint could add the reference (never stored) back
+            self.strict_loading = self.reference is None
+
+    def sharding_mesh(self) -> Any:
+        """The data-parallel device mesh when the strategy shards parameters (ModelParallelStrategy: FSDP2)."""
+        if not self._trainer:
+            return None
+        strategy = self.trainer.strategy
+        if type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy"):
+            raise ValueError(
+                f"trainer.strategy {type(strategy).__name__} wraps the whole module, but a GRPO step calls the policy "
+                "directly (generation, reference, one backward per micro-batch). Shard with FSDP2 instead: "
+                "strategy ModelParallelStrategy with data_parallel_size = the number of processes, "
+                "tensor_parallel_size 1 (see the README, 'Scaling out')"
+            )
+        mesh = getattr(strategy, "device_mesh", None)
+        if mesh is None:
+            return None
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"ModelParallelStrategy: GRPO shards parameters over data-parallel processes only; set "
+                f"tensor_parallel_size=1 and data_parallel_size={self.trainer.world_size} "
+                f"(got {mesh['tensor_parallel'].size()} / {mesh['data_parallel'].size()})"
+            )
+        return mesh["data_parallel"]
 
     @property
     def prompt_style(self) -> PromptStyle:
         return PromptStyle(self.grpo.system_prompt, self.grpo.user_template)
 
     def ensure_engine(self) -> None:
-        """Start the rollout engine once, for whichever of fit, validate and test comes first."""
+        """Start the rollout engine once, for whichever of fit, validate and test comes first.
+
+        Every process runs its own engine on its share of the prompts; each samples with its own seed.
+        """
         if self.engine is None:
+            seed = (torch.initial_seed() + self.global_rank) % 2**31
+            if self.global_rank:
+                torch.manual_seed(seed)  # seed_everything gave all processes the same stream
             self.engine = make_engine(
                 self.engine_kind, self.policy, self.tokenizer,
-                model_path=self.engine_folder(), vllm=self.vllm_config, seed=torch.initial_seed() % 2**31,
+                model_path=self.engine_folder(), vllm=self.vllm_config, seed=seed,
             )  # fmt: skip
             self.sync_weights()  # weights restored from a checkpoint differ from the folder the engine loaded
 
@@ -228,9 +279,25 @@ class GRPOModule(L.LightningModule):
         if self.engine_kind != "vllm" or not self.policy_config.gguf_file:
             return self.policy_config.name_or_path
         folder = Path(self.trainer.default_root_dir) / "policy-hf"
-        if not (folder / "config.json").is_file():
+        if self.global_rank == 0 and not (folder / "config.json").is_file():
             save_hf_folder(self.policy, self.tokenizer, folder)
+        self.trainer.strategy.barrier("policy-hf")  # the other processes load what rank 0 wrote
         return str(folder)
+
+    def exportable_policy(self) -> Any:
+        """The policy as one ordinary model, for export. Sharded: gathered by all processes, built on rank 0 only."""
+        if not self.sharded:
+            return self.policy
+        state = {name: gathered(tensor) for name, tensor in self.policy.state_dict().items()}  # collective
+        if self.global_rank:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(self.policy.config)
+        model = apply_lora(model, self.lora) if self.lora.enabled else model
+        model.load_state_dict(state)
+        model.generation_config = self.policy.generation_config
+        return model
 
     def on_fit_start(self) -> None:
         self.ensure_engine()
@@ -265,7 +332,7 @@ class GRPOModule(L.LightningModule):
         advantages = group_advantages(total, G, self.grpo.advantage_scale).to(self.device)  # [N]
         prompts = [rollout.prompt_ids[i // G] for i in range(len(rollout.completion_ids))]
         mask = self.completion_mask(rollout)  # [N, T]
-        ref_logp = self.logprobs_without_grad(self.reference, prompts, rollout) if self.grpo.beta > 0 else None
+        ref_logp = self.reference_logprobs(prompts, rollout) if self.grpo.beta > 0 else None
         old_logp = self.logprobs_without_grad(self.policy, prompts, rollout) if self.grpo.num_iterations > 1 else None
         for _ in range(self.grpo.num_iterations):
             stats = self.optimize(prompts, rollout, advantages, mask, old_logp, ref_logp)
@@ -322,7 +389,8 @@ class GRPOModule(L.LightningModule):
         """Log-probs of the completion tokens; only the last T + 1 positions reach the output head."""
         T, temperature = seqs.completion_width, self.sampling.temperature or 1.0
         inputs = dict(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False)
-        head = plain_output_head(model) if self.grpo.fused_logprobs else None
+        fused = self.grpo.fused_logprobs and not self.sharded  # sharded: only the root's forward gathers the head
+        head = plain_output_head(model) if fused else None
         if head is None:
             logits = model(**inputs, logits_to_keep=T + 1).logits[:, :-1]  # [n, T, V]: position t predicts token t
             return token_logprobs(logits, seqs.completion_ids, temperature, chunk_size=self.grpo.logprob_chunk_size)
@@ -333,15 +401,21 @@ class GRPOModule(L.LightningModule):
         size = n // self.grpo.gradient_accumulation_steps
         return [slice(start, start + size) for start in range(0, n, size)]
 
+    def reference_logprobs(self, prompts: list, rollout: Rollout) -> torch.Tensor:  # [N, T]
+        if self.reference is not None:
+            return self.logprobs_without_grad(self.reference, prompts, rollout)
+        with self.policy.disable_adapter():  # LoRA: the frozen base model is the initial policy
+            return self.logprobs_without_grad(self.policy, prompts, rollout)
+
     def logprobs_without_grad(self, model: Any, prompts: list, rollout: Rollout) -> torch.Tensor:  # [N, T]
         completions = rollout.completion_ids
         width = max(1, max(len(c) for c in completions))
         out = torch.zeros(len(completions), width, device=self.device)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: FSDP2 would keep inference tensors as gathered weights
             for rows in self.micro_batches(len(completions)):
                 seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
                 out[rows, : seqs.completion_width] = self.sequence_logprobs(model, seqs)
-        return out.clone()  # a normal tensor, usable by autograd later
+        return out
 
     def optimize(
         self,
@@ -355,10 +429,11 @@ class GRPOModule(L.LightningModule):
         """One optimizer step over all N sequences, accumulated over micro-batches."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         completions = rollout.completion_ids
-        weights = loss_weights(mask, self.grpo.loss_type, max_completion_length=self.sampling.max_tokens)  # [N, T]
+        weights = self.token_weights(mask)  # [N, T]
         rollout_logp = pad_rows(rollout.logprobs, mask.shape[1]).to(self.device) if rollout.logprobs else None  # [N, T]
         totals = {"loss": 0.0, "kl": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "is_ratio": 0.0, "tokens": 0.0}
-        for rows in self.micro_batches(len(completions)):
+        batches = self.micro_batches(len(completions))
+        for rows in batches:
             seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
             width = seqs.completion_width
             logp = self.sequence_logprobs(self.policy, seqs)  # [n, T]
@@ -377,7 +452,8 @@ class GRPOModule(L.LightningModule):
                 weights=weights[rows, :width],
                 token_scale=is_ratio,
             )
-            self.manual_backward(loss)
+            with self.gradient_sync(rows is batches[-1]):
+                self.manual_backward(loss)
             totals["loss"] += loss.item()
             if is_ratio is not None:
                 stats["is_ratio"] = (is_ratio * mask[rows, :width]).sum() / stats["num_tokens"].clamp(min=1)
@@ -394,6 +470,23 @@ class GRPOModule(L.LightningModule):
             **{key: totals[key] / tokens for key in ("kl", "clip_ratio_low", "clip_ratio_high", "is_ratio")},
         }
 
+    def token_weights(self, mask: torch.Tensor) -> torch.Tensor:  # [N, T]
+        """This process's share of the step's loss normalisation (see :func:`loss_weights`).
+
+        Data-parallel strategies average gradients over the W processes. "grpo" and "dr_grpo" divide by the
+        local sequence count N/W, so the average is exactly the one-process loss; "dapo" divides by the
+        global token count, times W to undo the average; "bnpo" uses each process's own token count (TRL's).
+        """
+        num_tokens, world = None, self.trainer.world_size if self._trainer else 1
+        if self.grpo.loss_type == "dapo" and world > 1:
+            num_tokens = float(self.trainer.strategy.reduce(mask.sum(), reduce_op="sum")) / world
+        return loss_weights(mask, self.grpo.loss_type, max_completion_length=self.sampling.max_tokens, num_tokens=num_tokens)
+
+    def gradient_sync(self, enabled: bool) -> Any:
+        """Gradients are averaged across processes on the last micro-batch only; the others accumulate locally."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer else None
+        return contextlib.nullcontext() if enabled or block is None else block()
+
     def importance_ratio(self, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, rows: slice, width: int):
         """Truncated π_old/π_rollout per token: corrects for the engine sampling from slightly other numbers."""
         if self.grpo.importance_sampling_cap is None or rollout_logp is None:
@@ -404,6 +497,7 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.grpo.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded gradients
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
@@ -418,7 +512,8 @@ class GRPOModule(L.LightningModule):
     def sync_weights(self) -> float:
         """Push the updated policy into the rollout engine; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(self.policy.named_parameters())
+        if getattr(self.engine, "model", None) is not self.policy:  # an engine generating with the live policy needs none
+            self.engine.update_weights(merged_weights(self.policy))  # LoRA: W + (α/r)·B·A under the base names
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------ evaluation
@@ -490,10 +585,10 @@ class GRPOModule(L.LightningModule):
             values["rollout/is_ratio"] = stats["is_ratio"]
         for name, per_fn in rewards.per_function.items():
             values[f"train/rewards/{name}"] = torch.tensor(per_fn).mean()
-        for name, value in values.items():
-            metric = self.step_metrics[name]
-            metric(torch.as_tensor(value, dtype=torch.float32))
-            self.log(name, metric, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=len(batch["question"]))
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in values.values()]).to(self.device)
+        means = self.trainer.strategy.reduce(stacked, reduce_op="mean")  # over processes: one collective per step
+        for name, value in zip(values, means.tolist()):
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=len(batch["question"]))
         every = self.grpo.log_samples_every_n_steps
         if every and self.global_step % every == 0:
             self.last_samples = self.sample_rows(batch, rollout, rewards)
@@ -526,7 +621,7 @@ class GRPOModule(L.LightningModule):
         # Enough to rebuild the policy and its model card without the base weights (`grpo export`).
         checkpoint["hf_config"] = self.policy.config.to_dict()
         checkpoint["grpo_lightning"] = self.training_record()
-        checkpoint["rng_state"] = rng_state()
+        checkpoint["rng_state"] = all_processes(rng_state())
 
     def training_record(self) -> dict[str, Any]:
         """How this policy was trained, as plain data: base model, data, command, settings, rewards."""
@@ -543,8 +638,10 @@ class GRPOModule(L.LightningModule):
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng_to_restore = checkpoint.get("rng_state")
-        if self.reference is not None:
+        states = checkpoint.get("rng_state")  # one per process
+        states = [states] if isinstance(states, dict) else states or []
+        self._rng_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
+        if self.reference is not None and not self.sharded:  # strict loading expects every key of the module
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
 
@@ -577,6 +674,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def all_processes(value: Any) -> list[Any]:
+    """``value`` from every process, in rank order (``[value]`` without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

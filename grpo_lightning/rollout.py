@@ -213,7 +213,14 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, tokenizer: Any, config: VLLMConfig | None = None, seed: int = 0) -> None:
+        import gc
         import os
+
+        # vLLM's parallel state is process-wide, and a discarded engine tears it down when it is garbage-collected
+        # (vLLM freezes the collector at start-up, so that can happen much later): collect discarded ones now,
+        # before this engine sets the state up, not in the middle of its work.
+        gc.unfreeze()
+        gc.collect()
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors are handed over directly
         try:

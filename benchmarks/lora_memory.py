@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_lightning.tiny import build_tiny_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 QWEN_05B = {"hidden_size": 896, "num_layers": 24, "intermediate_size": 4864, "num_attention_heads": 14,
             "num_key_value_heads": 2, "max_position_embeddings": 32768}  # fmt: skip
@@ -42,21 +44,6 @@ print("RESULT " + json.dumps({
     "seconds": time.perf_counter() - start,
 }))
 """
-
-
-def build_model(folder: Path) -> Path:
-    from grpo_lightning.export import save_hf_folder
-    from grpo_lightning.tiny import build_model as random_qwen2
-    from grpo_lightning.tiny import build_tokenizer
-
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = build_tokenizer()
-    config = dict(QWEN_05B)
-    model = random_qwen2(VOCAB, config.pop("hidden_size"), config.pop("num_layers"), **config)
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id, cfg.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return save_hf_folder(model, tokenizer, folder)
 
 
 def recipe(model: Path, run_dir: Path, steps: int, lora: dict | None) -> Path:
@@ -100,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        model = build_model(tmp / "qwen2.5-0.5b-shaped")
+        model = build_tiny_checkpoint(tmp / "qwen2.5-0.5b-shaped", vocab_size=VOCAB, **QWEN_05B)
         print(f"model folder written in {time.perf_counter() - started:.0f} s")
         sides = {"full": None, "lora": {"rank": args.rank, "alpha": args.alpha, "dropout": 0.05}}
         results = {}

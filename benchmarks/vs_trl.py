@@ -64,21 +64,15 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def questions(n: int) -> list[dict]:
-    from grpo_lightning.data import synthetic_rows
-
-    return synthetic_rows(n, seed=0)
-
-
 def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool) -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_lightning.data import prompt_messages
+    from grpo_lightning.data import prompt_messages, synthetic_rows
     from grpo_lightning.rewards import NOTEBOOK_REWARDS
 
-    rows = questions(B * (steps + 1))
+    rows = synthetic_rows(B * (steps + 1), seed=0)
     dataset = Dataset.from_list([{"prompt": prompt_messages(r["question"]), "answer": r["answer"]} for r in rows])
     stamps: list[float] = []
 
@@ -148,7 +142,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    model_kwargs, B, G, T = SIZES[args.size]
+    _, B, G, T = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         if args.side == "trl":

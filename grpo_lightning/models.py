@@ -286,13 +286,10 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     cfg.name_or_path = base or cfg.name_or_path
     cfg.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(cfg)
-    model = _model_from_config(cfg, checkpoint.get("hf_config"), next(iter(weights.values())).dtype)
-    if lora.enabled:
-        model = apply_lora(model, lora)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ModelLoadError(f"{str(path)!r}: weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
+    try:
+        model = model_with_weights(_architecture(cfg, checkpoint.get("hf_config")), weights, lora, cfg.trust_remote_code)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{str(path)!r}: {err}") from err
     if lora.enabled and merge_lora:
         model = model.merge_and_unload()
     return LoadedModel(model.eval(), tokenizer, str(path), folder=None, record=checkpoint.get("grpo_lightning", {}))
@@ -304,14 +301,26 @@ def _dataclass_from(cls: type, values: Any) -> Any:
     return cls(**{k: v for k, v in dict(values or {}).items() if k in known})
 
 
-def _model_from_config(cfg: ModelConfig, hf_config: dict | None, dtype: torch.dtype) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_with_weights(config: Any, weights: dict[str, torch.Tensor], lora: LoRAConfig, trust_remote_code: bool = False) -> Any:
+    """A model of ``config``'s architecture (with ``lora``'s adapters) holding ``weights`` (a ``state_dict``)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(iter(weights.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = apply_lora(model, lora) if lora.enabled else model
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:  # a tied head is not stored
+        raise ModelLoadError(f"weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def _architecture(cfg: ModelConfig, hf_config: dict | None) -> Any:
+    from transformers import AutoConfig
 
     if hf_config:
-        config = AutoConfig.for_model(**hf_config)
-    else:  # checkpoints written before the architecture was stored: ask the base model
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
-        except OSError as err:
-            raise _hub_error(cfg, err) from err
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.for_model(**hf_config)
+    try:  # checkpoints written before the architecture was stored: ask the base model
+        return AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise _hub_error(cfg, err) from err

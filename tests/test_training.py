@@ -160,7 +160,6 @@ def test_plot_run_draws_the_demo_curves(demo_run, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
 
     (csv_path,) = (demo_run / "run" / "csv").glob("version_*/metrics.csv")
     png = tmp_path / "curves.png"

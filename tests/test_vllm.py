@@ -107,12 +107,12 @@ def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):
     assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "VLLMEngine"
 
 
-def test_lora_fit_sends_merged_weights_to_vllm(tmp_path, vllm_engine, tiny_tokenizer, prompts):
+def test_lora_fit_sends_merged_weights_to_vllm(tmp_path, tiny_tokenizer, prompts):
     """After LoRA steps vLLM generates exactly what the merged policy does, and not what the base model does."""
     pytest.importorskip("peft")
     import copy
 
-    from test_training import demo_config
+    from conftest import demo_config
     from transformers import AutoModelForCausalLM
 
     from grpo_lightning.cli import main

@@ -4,8 +4,10 @@
     python benchmarks/gpu.py --tiny           # the same code on the tiny model, CPU (a smoke run, numbers meaningless)
 
 Measured, each as the median of `--repeats` after a warm-up:
-- training: forward + backward of the policy (bf16 autocast, fused head log-probs) on one micro-batch of `--micro`
-  sequences of P + T tokens, plus the AdamW step; tokens/s and MFU = 6 · parameters · tokens / s / peak FLOP/s;
+- training: forward + backward of the policy through the trainer's own log-prob path (`GRPOModule.sequence_logprobs`:
+  bf16 autocast, fused head, the prompt's forward shared by its completions) on one micro-batch of `--micro`
+  completions of one P-token prompt, plus the AdamW step; tokens/s counts the tokens the model runs (P + micro · T),
+  MFU = 6 · parameters · those tokens / s / peak FLOP/s;
 - rollout: B prompts × G samples × T tokens (min tokens = max tokens) with transformers `generate` and, where vLLM
   is installed, the vLLM engine; tokens/s;
 - weight sync: the seconds to push all weights into vLLM (the step's `rollout/sync_seconds`).
@@ -25,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo_lightning.algorithm import head_token_logprobs  # noqa: E402
+from grpo_lightning.batch import pack_sequences  # noqa: E402
+from grpo_lightning.module import GRPOModule  # noqa: E402
 from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine  # noqa: E402
 from grpo_lightning.tiny import build_tokenizer  # noqa: E402
 
@@ -78,7 +81,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=16, help="G completions per prompt (notebook: 16)")
     parser.add_argument("--tokens", type=int, default=200, help="T completion tokens (notebook: ≤ 200)")
     parser.add_argument("--prompt-tokens", type=int, default=100, help="P prompt tokens (GSM8K + system prompt ≈ 100)")
-    parser.add_argument("--micro", type=int, default=16, help="sequences per micro-batch (64 / accumulation 4)")
+    parser.add_argument("--micro", type=int, default=16, help="completions per micro-batch, ≤ G (64 / accumulation 4)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM's share (notebook: 0.3)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
@@ -101,13 +104,15 @@ def main() -> None:
 
         # training: one micro-batch forward + backward, and the optimizer step
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
-        vocab = config["vocab_size"]
-        ids = torch.randint(0, min(vocab, len(tokenizer)), (args.micro, P + T), device=device)
+        ids = torch.randint(0, min(config["vocab_size"], len(tokenizer)), (B, P + G * T)).tolist()
+        prompts = [row[:P] for row in ids]
+        group = [ids[0][P + i * T : P + (i + 1) * T] for i in range(args.micro)]  # a micro-batch: one prompt's completions
+        seqs = pack_sequences([prompts[0]] * args.micro, group, tokenizer.pad_token_id).to(device)
+        module = GRPOModule()  # its defaults: fused log-probs, shared prompt forward
 
         def train_micro() -> None:
             with torch.autocast(device, dtype=torch.bfloat16):
-                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, P - 1 : -1]
-                logp = head_token_logprobs(hidden, model.lm_head.weight, ids[:, P:])
+                logp = module.sequence_logprobs(model, seqs)
             logp.mean().backward()
 
         def optimizer_step() -> None:  # zeroed, not freed: every timed repeat updates every parameter
@@ -118,7 +123,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         train_micro()
         step_s = timed(optimizer_step, args.repeats)
-        tokens = args.micro * (P + T)
+        tokens = P + args.micro * T
         rows["train tokens/s (fwd+bwd)"] = tokens / train_s
         peak = peak_tflops(name, args.peak_tflops)
         if peak:
@@ -126,7 +131,6 @@ def main() -> None:
         rows["optimizer step (s)"] = step_s
 
         # rollouts
-        prompts = [list(ids[i % args.micro, :P].tolist()) for i in range(B)]
         sampling = SamplingConfig(temperature=0.9, max_tokens=T, min_tokens=T)
         model.eval()
         hf = HFEngine(model, tokenizer)
@@ -140,15 +144,16 @@ def main() -> None:
 
     for key, value in rows.items():
         print(f"{key:28s} {value:12.3f}")
-    epoch_estimate(rows, B, G, T, P)
+    epoch_estimate(rows, B, G, T, P, args.micro)
 
 
-def epoch_estimate(rows: dict, B: int, G: int, T: int, P: int) -> None:
+def epoch_estimate(rows: dict, B: int, G: int, T: int, P: int, micro: int) -> None:
     """Seconds per step = generation + policy fwd/bwd + reference forward (≈ 1/3 of fwd/bwd) + optimizer + sync."""
     steps = GSM8K_TRAIN // B
     gen_rate = rows.get("vLLM rollout tokens/s", rows["HF rollout tokens/s"])
     gen = B * G * T / gen_rate
-    train = B * G * (P + T) / rows["train tokens/s (fwd+bwd)"] * (1 + 1 / 3)
+    micro_batches = B * G // micro  # each holds one prompt (micro ≤ G), run once, and micro completions
+    train = micro_batches * (P + micro * T) / rows["train tokens/s (fwd+bwd)"] * (1 + 1 / 3)
     step = gen + train + rows["optimizer step (s)"] + rows.get("weight sync (s)", 0.0)
     print(f"epoch estimate: {steps} steps × ({gen:.3f} s generation + {train:.3f} s policy+reference + "
           f"{rows['optimizer step (s)']:.3f} s optimizer + {rows.get('weight sync (s)', 0.0):.3f} s sync) "

@@ -22,6 +22,8 @@ class SequenceBatch:
     position_ids: torch.Tensor  # [n, P + T]
     completion_ids: torch.Tensor  # [n, T]
     completion_mask: torch.Tensor  # [n, T] 1 on real completion tokens
+    prompt_group: torch.Tensor  # [n] which distinct prompt each row has, 0 … u-1
+    group_rows: torch.Tensor  # [u] the first row of each distinct prompt
 
     def to(self, device: torch.device | str) -> SequenceBatch:
         return SequenceBatch(*(t.to(device) for t in vars(self).values()))
@@ -29,6 +31,11 @@ class SequenceBatch:
     @property
     def completion_width(self) -> int:
         return self.completion_ids.shape[1]
+
+    @property
+    def repeats_prompts(self) -> bool:
+        """Some rows continue the same (non-empty) prompt, whose forward they could share."""
+        return len(self.group_rows) < len(self.input_ids) and self.input_ids.shape[1] > self.completion_width
 
 
 def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
@@ -46,12 +53,16 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
         ids[row, p_width : p_width + len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
         attention[row, start : p_width + len(completion)] = 1
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    group_of: dict[tuple[int, ...], int] = {}  # distinct prompt → its number, in order of first appearance
+    prompt_group = [group_of.setdefault(tuple(prompt), len(group_of)) for prompt in prompts]
     return SequenceBatch(
         input_ids=ids,
         attention_mask=attention,
         position_ids=positions,
         completion_ids=ids[:, p_width:],
         completion_mask=attention[:, p_width:],
+        prompt_group=torch.as_tensor(prompt_group, dtype=torch.long),
+        group_rows=torch.as_tensor([prompt_group.index(g) for g in range(len(group_of))], dtype=torch.long),
     )
 
 

@@ -229,6 +229,14 @@ def plain_output_head(model: Any) -> torch.Tensor | None:
     return head.weight
 
 
+def has_plain_attention(model: Any) -> bool:
+    """True for decoders whose every layer is plain causal attention over a key/value cache (Qwen2, Llama, …): a
+    prompt's keys/values can then be computed once and shared by every sequence that continues it."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return hasattr(config, "num_hidden_layers") and set(layer_types) == {"full_attention"}
+
+
 POLICY_PREFIX = "policy."
 """Where the trained model's weights live in a GRPOModule checkpoint's ``state_dict``."""
 

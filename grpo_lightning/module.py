@@ -44,6 +44,7 @@ from grpo_lightning.models import (
     apply_lora,
     check_loadable,
     gathered,
+    has_plain_attention,
     load_causal_lm,
     load_tokenizer,
     merged_weights,
@@ -61,6 +62,7 @@ from grpo_lightning.rewards import (
     reward_name,
 )
 from grpo_lightning.rollout import Rollout, RolloutEngine, SamplingConfig, VLLMConfig, make_engine
+from grpo_lightning.shared_prompt import shared_prompt_outputs
 
 
 @dataclass
@@ -109,6 +111,8 @@ class GRPOConfig:
     """Compute token log-probs from hidden states and the output head in chunks, never holding [N, T, V] logits."""
     logprob_chunk_size: int = 1024
     """Rows of N·T per chunk of the log-prob computation (peak extra memory ≈ chunk × V floats)."""
+    share_prompt_forward: bool = True
+    """Run each distinct prompt once per micro-batch and let its completions share its keys/values (exact)."""
     log_samples_every_n_steps: int = 10
     """Keep a table of sample completions every N steps for the SampleTable callback (0: never)."""
 
@@ -380,16 +384,26 @@ class GRPOModule(L.LightningModule):
         return mask.to(self.device)
 
     def sequence_logprobs(self, model: Any, seqs: SequenceBatch) -> torch.Tensor:  # [n, T]
-        """Log-probs of the completion tokens; only the last T + 1 positions reach the output head."""
-        T, temperature = seqs.completion_width, self.sampling.temperature or 1.0
-        inputs = dict(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids, use_cache=False)
+        """Log-probs of the completion tokens; only the positions that predict them reach the output head."""
+        T, temperature, chunk = seqs.completion_width, self.sampling.temperature or 1.0, self.grpo.logprob_chunk_size
         fused = self.grpo.fused_logprobs and not self.sharded  # sharded: only the root's forward gathers the head
         head = plain_output_head(model) if fused else None
-        if head is None:
-            logits = model(**inputs, logits_to_keep=T + 1).logits[:, :-1]  # [n, T, V]: position t predicts token t
-            return token_logprobs(logits, seqs.completion_ids, temperature, chunk_size=self.grpo.logprob_chunk_size)
-        hidden = model.get_decoder()(**inputs).last_hidden_state[:, -(T + 1) : -1]  # [n, T, H]
-        return head_token_logprobs(hidden, head, seqs.completion_ids, temperature, chunk_size=self.grpo.logprob_chunk_size)
+        decoder = model.get_decoder() if head is not None else None
+
+        def run(input_ids, attention_mask, position_ids, past_key_values=None, keep=T + 1):  # [n, keep, H or V]
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=False)  # the shared prompt's cache is still used
+            if decoder is None:
+                return model(**inputs, logits_to_keep=keep).logits
+            return decoder(**inputs).last_hidden_state[:, -keep:]
+
+        if self.grpo.share_prompt_forward and seqs.repeats_prompts and has_plain_attention(model):
+            outputs = shared_prompt_outputs(model, run, seqs)  # [n, T, H or V]
+        else:
+            outputs = run(seqs.input_ids, seqs.attention_mask, seqs.position_ids)[:, :-1]  # position t predicts token t
+        if decoder is None:
+            return token_logprobs(outputs, seqs.completion_ids, temperature, chunk_size=chunk)
+        return head_token_logprobs(outputs, head, seqs.completion_ids, temperature, chunk_size=chunk)
 
     def micro_batches(self, n: int) -> list[slice]:
         size = n // self.grpo.gradient_accumulation_steps

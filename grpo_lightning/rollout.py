@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
+from grpo_lightning.models import has_plain_attention
+
 
 @dataclass
 class SamplingConfig:
@@ -151,6 +153,7 @@ class HFEngine:
             out = self.model.generate(  # each prompt repeated n times: rows stay grouped by prompt
                 input_ids=input_ids.repeat_interleave(n, dim=0).to(device),
                 attention_mask=attention_mask.repeat_interleave(n, dim=0).to(device),
+                past_key_values=self._prefill(input_ids.to(device), attention_mask.to(device), n),
                 generation_config=config,
                 synced_gpus=self.synced,
             )
@@ -158,6 +161,20 @@ class HFEngine:
             self.model.train(was_training)
         new_tokens = out.sequences[:, width:].cpu()  # [N, steps]
         return self._to_rollout(prompt_ids, new_tokens, out.scores if sampling.logprobs else None, n)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> Any:
+        """Each prompt's keys/values computed once (not n times) and repeated n times; ``generate`` then starts at
+        the prompt's last token. None for models with more than plain attention layers (they prefill themselves)."""
+        from transformers import DynamicCache
+
+        if input_ids.shape[1] < 2 or not has_plain_attention(self.model):
+            return None
+        cache = DynamicCache(config=self.model.config)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate computes them
+        self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _to_rollout(self, prompt_ids, new_tokens: torch.Tensor, scores, n: int) -> Rollout:
         completions, truncated = zip(*(cut_at_eos(row.tolist(), self.eos_ids) for row in new_tokens)) if len(new_tokens) else ((), ())

@@ -39,6 +39,25 @@ def test_greedy_is_deterministic_and_min_tokens_forces_length(tiny_model, tiny_t
     assert all(len(c) == 6 for c in a.completion_ids)
 
 
+def test_each_prompt_is_prefilled_once_and_generation_is_unchanged(tiny_model, tiny_tokenizer):
+    from transformers import GenerationConfig
+
+    engine = HFEngine(tiny_model, tiny_tokenizer)
+    prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]
+    rows = []
+    hook = tiny_model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+    out = engine.generate(prompts, n=3, sampling=SamplingConfig(temperature=0.0, max_tokens=6, min_tokens=6))
+    hook.remove()
+    width = max(map(len, prompts))
+    assert rows[:2] == [torch.Size([2, width - 1]), torch.Size([6, 1])]  # 2 prompts once, then 6 rows token by token
+    seqs = pack_sequences([prompts[i // 3] for i in range(6)], [[]] * 6, tiny_tokenizer.pad_token_id)
+    plain = tiny_model.eval().generate(  # transformers' own prefill of all 6 rows
+        input_ids=seqs.input_ids[:, :width], attention_mask=seqs.attention_mask[:, :width],
+        generation_config=GenerationConfig(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=engine.pad_id),
+    )  # fmt: skip
+    assert out.completion_ids == [row[width:].tolist() for row in plain]
+
+
 def test_sampling_logprobs_match_the_trainers_recomputation(tiny_model, tiny_tokenizer):
     engine = HFEngine(tiny_model, tiny_tokenizer)
     prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]

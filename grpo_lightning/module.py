@@ -419,7 +419,9 @@ class GRPOModule(L.LightningModule):
         completions = rollout.completion_ids
         width = max(1, max(len(c) for c in completions))
         out = torch.zeros(len(completions), width, device=self.device)
-        with torch.no_grad():  # not inference_mode: FSDP2 would keep inference tensors as gathered weights
+        # inference mode, except under FSDP2, which would then keep inference tensors as its gathered weights
+        no_autograd = torch.no_grad() if self.sharded else torch.inference_mode()
+        with no_autograd:
             for rows in self.micro_batches(len(completions)):
                 seqs = pack_sequences(prompts[rows], completions[rows], self.tokenizer.pad_token_id).to(self.device)
                 out[rows, : seqs.completion_width] = self.sequence_logprobs(model, seqs)

@@ -1,4 +1,5 @@
-"""Sharing a prompt's forward across its completions gives the unshared log-probs and gradients."""
+"""The log-prob passes: a prompt's forward shared by its completions gives the unshared log-probs and gradients;
+the passes without gradients (reference, old policy) run in inference mode."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from grpo_lightning.batch import pack_sequences
 from grpo_lightning.data import encode_prompt
+from grpo_lightning.rollout import Rollout
 
 QUESTIONS = ("Short?", "What is 7 times 8 apples?")
 
@@ -64,3 +66,16 @@ def test_no_repeated_prompt_takes_the_single_pass(tiny_model, tiny_tokenizer):
     tiny_model.get_decoder().register_forward_hook(lambda m, args, out: calls.append(1))
     GRPOModule().sequence_logprobs(tiny_model, seqs)
     assert len(calls) == 1
+
+
+def test_reference_and_old_logprobs_run_in_inference_mode(tiny_model, tiny_tokenizer):
+    from grpo_lightning.module import GRPOModule
+
+    module = GRPOModule()
+    module.tokenizer = tiny_tokenizer
+    prompt = encode_prompt(tiny_tokenizer, QUESTIONS[0])
+    rollout = Rollout(prompt_ids=[prompt], completion_ids=[[5], [6, 7], [8], [9]], texts=[""] * 4, truncated=[False] * 4, group_size=4)
+    modes = []
+    tiny_model.get_decoder().register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    logp = module.logprobs_without_grad(tiny_model, [prompt] * 4, rollout)
+    assert modes and all(modes) and not logp.is_inference()  # usable as a constant in the loss's autograd graph

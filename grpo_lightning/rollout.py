@@ -164,10 +164,10 @@ class HFEngine:
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> Any:
         """Each prompt's keys/values computed once (not n times) and repeated n times; ``generate`` then starts at
-        the prompt's last token. None for models with more than plain attention layers (they prefill themselves)."""
+        the prompt's last token. None (``generate`` prefills itself) when n = 1 or the attention is not plain."""
         from transformers import DynamicCache
 
-        if input_ids.shape[1] < 2 or not has_plain_attention(self.model):
+        if n < 2 or input_ids.shape[1] < 2 or not has_plain_attention(self.model):  # nothing to share
             return None
         cache = DynamicCache(config=self.model.config)
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate computes them

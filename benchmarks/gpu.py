@@ -93,6 +93,8 @@ def main() -> None:
     config = TINY if args.tiny else QWEN_05B
     tokenizer = build_tokenizer()
     B, G, T, P = args.prompts, args.generations, args.tokens, args.prompt_tokens
+    if not 1 <= args.micro <= G or G % args.micro:
+        parser.error(f"--micro {args.micro}: a micro-batch holds completions of one prompt, so it must divide G = {G}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_folder(config, Path(tmp) / "model", tokenizer)
@@ -104,9 +106,9 @@ def main() -> None:
 
         # training: one micro-batch forward + backward, and the optimizer step
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
-        ids = torch.randint(0, min(config["vocab_size"], len(tokenizer)), (B, P + G * T)).tolist()
-        prompts = [row[:P] for row in ids]
-        group = [ids[0][P + i * T : P + (i + 1) * T] for i in range(args.micro)]  # a micro-batch: one prompt's completions
+        vocab = min(config["vocab_size"], len(tokenizer))
+        prompts = torch.randint(0, vocab, (B, P)).tolist()
+        group = torch.randint(0, vocab, (args.micro, T)).tolist()  # a micro-batch: completions of one prompt
         seqs = pack_sequences([prompts[0]] * args.micro, group, tokenizer.pad_token_id).to(device)
         module = GRPOModule()  # its defaults: fused log-probs, shared prompt forward
 

@@ -22,7 +22,7 @@ class SequenceBatch:
     position_ids: torch.Tensor  # [n, P + T]
     completion_ids: torch.Tensor  # [n, T]
     completion_mask: torch.Tensor  # [n, T] 1 on real completion tokens
-    prompt_group: torch.Tensor  # [n] which distinct prompt each row has, 0 … u-1
+    prompt_group: torch.Tensor  # [n] which distinct prompt each row has, numbered 0 … u-1 by first appearance
     group_rows: torch.Tensor  # [u] the first row of each distinct prompt
 
     def to(self, device: torch.device | str) -> SequenceBatch:
@@ -52,18 +52,22 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
         ids[row, start:p_width] = torch.as_tensor(list(prompt), dtype=torch.long)
         ids[row, p_width : p_width + len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
         attention[row, start : p_width + len(completion)] = 1
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     group_of: dict[tuple[int, ...], int] = {}  # distinct prompt → its number, in order of first appearance
     prompt_group = [group_of.setdefault(tuple(prompt), len(group_of)) for prompt in prompts]
     return SequenceBatch(
         input_ids=ids,
         attention_mask=attention,
-        position_ids=positions,
+        position_ids=positions_from_mask(attention),
         completion_ids=ids[:, p_width:],
         completion_mask=attention[:, p_width:],
         prompt_group=torch.as_tensor(prompt_group, dtype=torch.long),
         group_rows=torch.as_tensor([prompt_group.index(g) for g in range(len(group_of))], dtype=torch.long),
     )
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:  # [n, L]
+    """Position ids that count only attended tokens, as ``generate`` computes them (left padding gets 0)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def pad_rows(rows: Sequence[Sequence[float]], width: int, value: float = 0.0) -> torch.Tensor:  # [n, width]

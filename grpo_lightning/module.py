@@ -494,6 +494,10 @@ class GRPOModule(L.LightningModule):
 
     def gradient_sync(self, enabled: bool) -> Any:
         """Gradients are averaged across processes on the last micro-batch only; the others accumulate locally."""
+        if self.sharded:  # FSDP2: Lightning's block_backward_sync is DDP's; FSDP2 modules have their own switch
+            fsdp_root = next(m for m in self.policy.modules() if hasattr(m, "set_requires_gradient_sync"))
+            fsdp_root.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
         block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer else None
         return contextlib.nullcontext() if enabled or block is None else block()
 
@@ -507,7 +511,7 @@ class GRPOModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         max_norm = self.grpo.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded gradients
+        grad_norm = gathered(grad_norm)  # sharded gradients give a sharded norm
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from grpo_lightning.batch import positions_from_mask
 from grpo_lightning.models import has_plain_attention
 
 
@@ -121,6 +122,7 @@ class HFEngine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.synced = is_sharded(model)  # every process must run as many forwards as the longest generation needs
+        self.plain_attention = has_plain_attention(model)  # each prompt can be prefilled once for its n samples
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
@@ -167,11 +169,11 @@ class HFEngine:
         the prompt's last token. None (``generate`` prefills itself) when n = 1 or the attention is not plain."""
         from transformers import DynamicCache
 
-        if n < 2 or input_ids.shape[1] < 2 or not has_plain_attention(self.model):  # nothing to share
+        if n < 2 or input_ids.shape[1] < 2 or not self.plain_attention:  # nothing to share
             return None
         cache = DynamicCache(config=self.model.config)
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate computes them
-        self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+        positions = positions_from_mask(attention_mask[:, :-1])
+        self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
         cache.batch_repeat_interleave(n)
         return cache

@@ -60,7 +60,8 @@ def test_each_process_runs_its_own_vllm_engine(tmp_path):
     )
     run("train.py", "fit", "--config", str(config))
     rows = [r for r in metrics(tmp_path) if r.get("train/reward")]
-    assert len(rows) == 2 and all(float(r["rollout/sync_seconds"]) > 0 for r in rows)
+    # a skipped sync takes microseconds; gathering the sharded weights and loading them into vLLM takes milliseconds
+    assert len(rows) == 2 and all(float(r["rollout/sync_seconds"]) > 1e-3 for r in rows)
 
 
 @pytest.fixture(scope="module")

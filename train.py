@@ -1,6 +1,12 @@
-"""Train with GRPO: ``python train.py fit --config configs/cpu-demo.yaml`` (see ``--help``)."""
+"""Train with GRPO: ``python train.py fit --config configs/cpu-demo.yaml`` (see ``--help``).
 
-from grpo_lightning.cli import main
+Errors that say what to change (a missing file, an impossible setting) are printed as one line; ``GRPO_DEBUG=1``
+shows the full traceback.
+"""
+
+import sys
+
+from grpo_lightning.cli import train
 
 if __name__ == "__main__":
-    main()
+    sys.exit(train())

@@ -6,17 +6,30 @@ bf16 comes from ``trainer.precision``, the cosine schedule from the module, chec
 
 from __future__ import annotations
 
+import errno
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from grpo_lightning.export import append_jsonl, atomic_open, export_policy, hub_token, push_to_hub, zip_folder
+from grpo_lightning.export import (
+    OutputExistsError,
+    append_jsonl,
+    atomic_open,
+    check_replaceable,
+    export_policy,
+    hub_token,
+    push_to_hub,
+    remove_stale_temporaries,
+    zip_folder,
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,8 +40,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with atomic_open(path, "wb") as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_open(path, "wb") as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err):
+                raise
+            free = shutil.disk_usage(Path(path).parent).free / 2**20
+            error = OSError(f"could not write checkpoint {str(path)!r}: the disk is full ({free:.0f} MiB free "
+                            "there). Free space or point the checkpoint dirpath elsewhere; the previous checkpoint of "
+                            "that name is intact")  # fmt: skip
+            error.errno = errno.ENOSPC
+            raise error from err
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Out of space or quota somewhere in the chain: torch's zip writer reports a failed write as "unexpected pos"."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class CheckpointsExistError(OutputExistsError):
+    """A fresh run would mix its checkpoints with an earlier run's; the message says how to resume or replace them."""
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -36,17 +72,83 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning saves on every ``every_n_train_steps`` only, so a run stopping at ``max_steps`` = 60 with
     checkpoints every 50 would otherwise resume from step 50. Files are written by :class:`AtomicCheckpointIO`.
+
+    One run per folder: a fresh ``fit`` (no ``ckpt_path``) refuses a folder holding an earlier run's checkpoints,
+    which Lightning would keep beside the new ones (its ``last.ckpt`` too, the new one becoming ``last-v1.ckpt``),
+    unless ``overwrite`` (``train.py fit --overwrite``) removes them first. ``ckpt_path="last"`` resumes from the
+    newest complete checkpoint, also when a kill came between a step checkpoint and ``last.ckpt``.
     """
+
+    overwrite: bool = False
+    """Remove an earlier run's checkpoints from dirpath when a fresh run starts (set by ``fit --overwrite``)."""
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own plugin alone
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and stage == "fit":
+            for leftover in remove_stale_temporaries(self.dirpath, r".+\.ckpt"):
+                rank_zero_info(f"removed {leftover.name}, left by a save that was killed")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:  # trainer.ckpt_path is known from here on
+            self._one_run_per_folder(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.strategy.restore_checkpoint_after_setup:  # FSDP, ModelParallelStrategy: only from here on
+            self._one_run_per_folder(trainer)
+
+    def _one_run_per_folder(self, trainer: L.Trainer) -> None:
+        """A fresh run (no ``ckpt_path``) needs a folder without checkpoints: refuse, or delete with ``overwrite``."""
+        if trainer.ckpt_path is not None:
+            return
+        earlier = trainer.strategy.broadcast(self._checkpoint_files(trainer) if trainer.is_global_zero else None)
+        if not earlier:
+            return
+        if not self.overwrite:
+            more = f" and {len(earlier) - 4} more" if len(earlier) > 4 else ""
+            shown = ", ".join(p.name for p in earlier[:4]) + more
+            raise CheckpointsExistError(
+                f"{self.dirpath} holds checkpoints of an earlier run ({shown}). Resume it with --ckpt_path last, "
+                "start fresh in another folder (trainer.default_root_dir and the checkpoint dirpath), or pass "
+                "--overwrite to delete them"
+            )
+        if trainer.is_global_zero:
+            for path in earlier:
+                path.unlink(missing_ok=True)
+            rank_zero_warn(f"--overwrite: deleted {len(earlier)} checkpoints of an earlier run from {self.dirpath}")
+
+    def _checkpoint_files(self, trainer: L.Trainer) -> list[Path]:
+        # Lightning's private resolver: the folder its own "last" lookup searches (dirpath, or one under the logger's)
+        folder = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
+        files = folder.glob(f"*{self.FILE_EXTENSION}") if folder.is_dir() else ()
+        return sorted(p for p in files if not p.name.startswith("."))  # hidden: temporaries, never checkpoints
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        """``ckpt_path="last"``: the checkpoint with the most optimizer steps, ``last.ckpt`` on a tie.
+
+        Lightning picks the newest ``last*.ckpt`` by time, which falls a whole save interval back (to nothing on the
+        first save) when a run was killed after writing a step checkpoint but before ``last.ckpt``.
+        """
+        candidates = super()._find_last_checkpoints(trainer) | {str(p) for p in self._checkpoint_files(trainer)}
+        is_last = {path: Path(path).name.startswith(self.CHECKPOINT_NAME_LAST) for path in candidates}
+        keys = {path: (_global_step(path), is_last[path]) for path in candidates}
+        complete = {path: key for path, key in keys.items() if key[0] >= 0}
+        return {max(complete, key=complete.get)} if complete else candidates
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _global_step(path: str) -> int:
+    """The optimizer steps a checkpoint holds, read without loading its tensors; -1 if it is unreadable."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint.get("global_step", -1))
+    except Exception:  # a file of someone else's, or damaged: never chosen for resuming
+        return -1
 
 
 class HFExport(L.Callback):
@@ -59,7 +161,8 @@ class HFExport(L.Callback):
     """
 
     def __init__(self, dirpath: str = "hf_export", every_checkpoint: bool = False, zip: bool = False,
-                 push_to_hub: str | None = None, private: bool = False, adapter_only: bool = False) -> None:  # fmt: skip
+                 push_to_hub: str | None = None, private: bool = False, adapter_only: bool = False,
+                 overwrite: bool = False) -> None:  # fmt: skip
         """
         Args:
             dirpath: Folder of the final export (relative paths are under the trainer's default_root_dir).
@@ -68,6 +171,7 @@ class HFExport(L.Callback):
             push_to_hub: Hub repository "user/name" to upload the final export to (token: HF_TOKEN or `hf auth login`).
             private: Create the Hub repository as private.
             adapter_only: LoRA runs: write the adapter alone instead of the merged model.
+            overwrite: Replace dirpath even when it holds files grpo-lightning did not write (default: refuse).
         """
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
@@ -75,10 +179,17 @@ class HFExport(L.Callback):
         self.push_to_hub = push_to_hub
         self.private = private
         self.adapter_only = adapter_only
+        self.overwrite = overwrite
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        if self.push_to_hub and stage == "fit":
-            hub_token()  # no token: fail now, not after hours of training
+        if stage != "fit":
+            return
+        final = self._resolve(trainer)
+        check_replaceable(final, self.overwrite)  # fail now, not after hours of training
+        if self.push_to_hub:
+            hub_token()
+        if trainer.is_global_zero:  # exports (and zips) of this folder that a kill interrupted
+            remove_stale_temporaries(final.parent, re.escape(final.name) + r"(-step-\d+)?")
 
     def _resolve(self, trainer: L.Trainer) -> Path:
         path = Path(self.dirpath)
@@ -91,7 +202,7 @@ class HFExport(L.Callback):
             export_policy(
                 policy, pl_module.tokenizer, out_dir,
                 record=pl_module.training_record(), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
-                adapter_only=self.adapter_only,
+                adapter_only=self.adapter_only, overwrite=self.overwrite,
             )  # fmt: skip
             rank_zero_info(f"HF export written to {out_dir}")
         return out_dir
@@ -163,3 +274,18 @@ class SampleTable(L.Callback):
                 "",
             ]
         return "\n".join(lines)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the "Epoch 0/-2" it shows when ``max_steps`` bounds training.
+
+    Lightning sets ``max_epochs`` to -1 when only ``max_steps`` is given and prints ``max_epochs - 1`` as the
+    last epoch; here the description names the step budget instead. (The CLI installs it as the default bar.)
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}" + (f" (max_steps {trainer.max_steps})" if trainer.max_steps > 0 else "")
+        return f"{description:{len(self.validation_description)}}"  # as Lightning pads it: no flicker

@@ -1,5 +1,5 @@
 """The command lines: ``python train.py fit --config configs/<recipe>.yaml`` (a LightningCLI), and ``grpo``
-(``evaluate``, ``infer``, ``export``) for everything after training.
+(``preflight`` before training; ``evaluate``, ``infer``, ``export`` for everything after it).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from grpo_lightning.data import GSM8KDataModule
+from grpo_lightning.hardware import resolve_precision
 from grpo_lightning.module import GRPOModule
 
 
@@ -30,14 +32,51 @@ def wandb_offline_without_credentials() -> None:
 
 
 class GRPOCLI(LightningCLI):
-    """LightningCLI that tells the module its command line, for the model card."""
+    """LightningCLI that tells the module its command line (for the model card), adds ``fit --overwrite``, shows a
+    step-based progress bar and exits 130 after Ctrl-C."""
 
     def __init__(self, *args, command: list[str], **kwargs) -> None:
         self.command = shlex.join(["python", "train.py", *command])
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="fit: delete the checkpoints of an earlier run in the checkpoint folder and start "
+                                 "fresh (default: refuse; resume it with --ckpt_path last)")  # fmt: skip
+
+    def instantiate_trainer(self, **kwargs):
+        from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+        from grpo_lightning.callbacks import StepCheckpoint, StepProgressBar
+
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        configured = list(trainer_config.get("callbacks") or [])  # copied before Lightning adds its default bar
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback  # Lightning's default reads "Epoch 0/-2" when max_steps bounds training
+        if type(bar) is RichProgressBar and not any(isinstance(c, ProgressBar) for c in configured):
+            trainer.callbacks[trainer.callbacks.index(bar)] = StepProgressBar()
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepCheckpoint):
+                callback.overwrite = bool(self._get(self.config, "overwrite", default=False))
+        return trainer
+
+    def fit(self, **kwargs) -> None:
+        try:
+            self.trainer.fit(**kwargs)
+        except SystemExit:
+            if self.trainer.interrupted:  # Lightning exits 1 after its graceful Ctrl-C shutdown; shells expect 130
+                raise SystemExit(130) from None
+            raise
+
     def before_instantiate_classes(self) -> None:
         GRPOModule.launch_command = self.command
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        choice = resolve_precision(trainer.precision, str(trainer.accelerator))
+        trainer.precision = choice.precision
+        if choice.slow:
+            rank_zero_warn(choice.reason)
+        elif choice.reason:
+            rank_zero_info(choice.reason)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -50,29 +89,54 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     return GRPOCLI(GRPOModule, GSM8KDataModule, args=args, run=run, save_config_kwargs={"overwrite": True}, command=command)
 
 
+DEBUG_FLAG = "GRPO_DEBUG"
+"""Environment variable: set to 1 to see the full traceback of an error the commands otherwise show as one line."""
+
+
+def train(args: list[str] | None = None, prog: str = "train.py") -> int:
+    """``python train.py …``: :func:`main`, with errors that say what to change shown as one line (exit 2).
+
+    The full traceback comes with ``GRPO_DEBUG=1``; other errors always show it.
+    """
+    try:
+        main(args)
+    except _user_errors() as err:
+        if os.environ.get(DEBUG_FLAG, "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {err}  ({DEBUG_FLAG}=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- grpo
 # `grpo evaluate | infer | export` (and `grpo train …`, the same as `python train.py …`).
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what to change: shown as one line, not a traceback."""
+    """Errors whose message says what to change (data, paths, settings, the Hub): one line, not a traceback."""
     from grpo_lightning.export import HubError
     from grpo_lightning.models import ModelLoadError
+    from grpo_lightning.preflight import PreflightError
 
-    return ValueError, OSError, ModelLoadError, HubError
+    return ValueError, OSError, ModelLoadError, HubError, PreflightError
 
 
 def grpo(argv: list[str] | None = None) -> int:
     """The ``grpo`` command: evaluate, ask, export and publish models trained (or not) with grpo-lightning."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        main(argv[1:])
-        return 0
-    args = _parser().parse_args(argv)
+        return train(argv[1:], prog="grpo train")
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command != "preflight":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
     except _user_errors() as err:
+        if os.environ.get(DEBUG_FLAG, "") not in ("", "0"):
+            raise
         print(f"grpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -80,17 +144,28 @@ def grpo(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="grpo-lightning: evaluate, ask and publish GRPO models. "
                                      "Training: `grpo train fit --config configs/<recipe>.yaml` (= python train.py …).")  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,infer,export}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,preflight,evaluate,infer,export}")
 
     commands.add_parser("train", help="train with GRPO: `grpo train fit --config …` is `python train.py fit --config …`")
+    pre = commands.add_parser("preflight", help="before training: do a recipe's rollouts carry reward differences to learn from?",
+                              epilog="Other options are recipe fields, as for train.py: --model.sampling.temperature=1.0")
+    pre.add_argument("--config", required=True, action="append", help="training recipe (YAML), as for train.py; repeat to layer files")
+    pre.add_argument("--prompts", type=int, default=8, help="training prompts to sample, G completions each (default: 8)")
+    pre.add_argument("--min-signal", type=float, default=0.25, help="least share of groups with reward differences (default: 0.25)")
+    pre.add_argument("--engine", choices=("recipe", "hf", "vllm"), default="recipe", help="rollout engine (default: the recipe's)")
+    pre.set_defaults(run=_preflight)
+
     ev = commands.add_parser("evaluate", help="GSM8K accuracy and format rates of a model (greedy decoding)")
     _model_arguments(ev)
     ev.add_argument("--data", default="openai/gsm8k", help="Hub dataset, .jsonl/.parquet file or 'synthetic' (default: openai/gsm8k)")
     ev.add_argument("--split", default="test", help="split of a Hub dataset (default: test)")
-    ev.add_argument("--limit", type=int, help="evaluate the first N problems only (default: all 1,319 of GSM8K test)")
+    ev.add_argument("--synthetic-seed", type=int, default=1, help="seed of --data synthetic (default: 1; training's default is 0)")
+    ev.add_argument("--synthetic-operations", type=int, default=1, choices=(1, 2), help="synthetic problems: 1 operation, or 1-2")
+    ev.add_argument("--held-out-from", metavar="CONFIG", help="drop problems whose question is among this recipe's training problems")
+    ev.add_argument("--limit", type=_count, help="evaluate the first N problems only (default: all 1,319 of GSM8K)")
     ev.add_argument("--out", help="folder for problems.jsonl and summary.json (default: runs/eval/<model>)")
-    ev.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
-    ev.add_argument("--max-tokens", type=int, default=200, help="longest completion (default: 200, as in training)")
+    ev.add_argument("--batch-size", type=_count, default=64, help="prompts per generate call (default: 64)")
+    ev.add_argument("--max-tokens", type=_count, default=200, help="longest completion (default: 200, as in training)")
     ev.set_defaults(run=_evaluate)
 
     inf = commands.add_parser("infer", help="answer questions in the terminal and append them to a JSONL file")
@@ -98,10 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("question", nargs="*", help="question(s) to answer; none and no --input: interactive")
     inf.add_argument("--input", help="text file with one question per line")
     inf.add_argument("--output", default="inference.jsonl", help="JSONL file the answers are appended to (default: inference.jsonl)")
-    inf.add_argument("--num-samples", type=int, default=1, help="answers per question (needs --temperature > 0 when > 1)")
+    inf.add_argument("--num-samples", type=_count, default=1, help="answers per question (> 1 needs --temperature > 0)")
     inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the training recipe samples at 0.9")
     inf.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
-    inf.add_argument("--max-tokens", type=int, default=200, help="longest completion (default: 200)")
+    inf.add_argument("--max-tokens", type=_count, default=200, help="longest completion (default: 200)")
     inf.set_defaults(run=_infer)
 
     ex = commands.add_parser("export", help="Lightning checkpoint → HF folder (+ zip, + Hub push with a model card)")
@@ -110,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--base", help="base model folder/name for the tokenizer, when the run's has moved")
     ex.add_argument("--eval-summary", help="summary.json of `grpo evaluate`, shown in the model card")
     ex.add_argument("--adapter-only", action="store_true", help="LoRA runs: write the adapter alone (default: merged into the model)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out even if it holds files we did not write")
     ex.add_argument("--zip", action="store_true", help="also write <out>.zip")
     ex.add_argument("--push-to-hub", metavar="USER/REPO", help="upload to this Hub repository (token: HF_TOKEN or `hf auth login`)")
     ex.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -117,11 +193,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    """argparse type of counts (problems, prompts per call, tokens): a whole number ≥ 1, or a clear error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hub name, HF folder, or a grpo-lightning .ckpt")
     parser.add_argument("--gguf-file", help="GGUF file inside --model's folder, loaded dequantised")
     parser.add_argument("--base", help="for a .ckpt: base model folder/name for the tokenizer, when the run's has moved")
-    parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto", help="auto: vLLM when installed (default)")
+    parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                        help="auto (default): vLLM on a GPU when installed, else transformers (on a CPU "
+                             "transformers is faster to start and far lighter for jobs of this size)")  # fmt: skip
+    parser.add_argument("--verbose", action="store_true", help="show the engine's own log lines (vLLM's are hidden)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (default: 0.85)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint to run")
@@ -152,15 +242,55 @@ def _open(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, gguf_file=args.gguf_file, base=args.base, trust_remote_code=args.trust_remote_code)
     vllm = VLLMConfig(gpu_memory_utilization=args.gpu_memory_utilization)
-    return loaded, open_engine(loaded, args.engine, vllm=vllm, seed=args.seed)
+    return loaded, open_engine(loaded, args.engine, vllm=vllm, seed=args.seed, quiet=not args.verbose)
+
+
+def _recipe(*configs: str, overrides: list[str] = ()) -> LightningCLI:
+    """A training recipe's module and data (set up, no model loaded), as `train.py fit --config …` would build them."""
+    cli = main([arg for path in configs for arg in ("--config", path)] + list(overrides), run=False)
+    cli.datamodule.setup("fit")
+    return cli
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from grpo_lightning.models import check_loadable, load_model
+    from grpo_lightning.preflight import preflight, sample_problems
+    from grpo_lightning.rollout import open_engine
+
+    cli = _recipe(*args.config, overrides=args.overrides)
+    module, data = cli.model, cli.datamodule
+    policy = module.policy_config
+    check_loadable(policy)  # resolves pkg: names and builds the tiny demo model when asked
+    loaded = load_model(policy.name_or_path, gguf_file=policy.gguf_file, trust_remote_code=policy.trust_remote_code)
+    engine = open_engine(loaded, module.engine_kind if args.engine == "recipe" else args.engine, vllm=module.vllm_config)
+    report = preflight(
+        engine, loaded.tokenizer, sample_problems(data.problems, args.prompts, data.hparams.seed), module.score,
+        num_generations=module.grpo.num_generations, sampling=module.sampling, style=module.prompt_style,
+        max_prompt_length=module.grpo.max_prompt_length,
+    )  # fmt: skip
+    print(report.table())
+    advice = report.advice(args.min_signal)
+    if advice:
+        print(f"only {report.signal_share:.0%} of groups carry signal (want ≥ {args.min_signal:.0%}); try:", file=sys.stderr)
+        print("\n".join(f"  - {tip}" for tip in advice), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from grpo_lightning.data import SYNTHETIC, load_rows, synthetic_rows, to_problems
     from grpo_lightning.evaluation import evaluate, write_results
 
-    rows = synthetic_rows(args.limit or 200, seed=1) if args.data == SYNTHETIC else load_rows(args.data, args.split)
-    problems = to_problems(rows, source=args.data)[: args.limit]
+    if args.data == SYNTHETIC:  # generous: --held-out-from may drop some
+        rows = synthetic_rows(2 * (args.limit or 200), seed=args.synthetic_seed, operations=args.synthetic_operations)
+    else:
+        rows = load_rows(args.data, args.split)
+    problems = to_problems(rows, source=args.data)
+    if args.held_out_from:
+        seen = {p.question for p in _recipe(args.held_out_from).datamodule.problems}
+        problems = [p for p in problems if p.question not in seen]
+        print(f"{len(rows) - len(problems)} problems dropped: they are among {args.held_out_from}'s training problems")
+    problems = problems[: args.limit or (200 if args.data == SYNTHETIC else None)]
     loaded, engine = _open(args)
     style = _style(args)
     start = time.perf_counter()
@@ -169,6 +299,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs/eval") / Path(args.model.rstrip("/")).name)
     summary = write_results(
         out, records, model=args.model, gguf_file=args.gguf_file, data=args.data, split=args.split,
+        **({"synthetic_seed": args.synthetic_seed, "synthetic_operations": args.synthetic_operations}
+           if args.data == SYNTHETIC else {}), held_out_from=args.held_out_from,
         engine=type(engine).__name__, max_tokens=args.max_tokens, prompt=dataclasses.asdict(style), seconds=round(time.perf_counter() - start, 1),
     )  # fmt: skip
     width = max(map(len, summary["metrics"]))
@@ -214,16 +346,25 @@ def _read_line(prompt: str) -> str | None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from grpo_lightning.export import EVAL_SUMMARY, export_policy, push_to_hub, write_json, write_model_card, zip_folder
+    from grpo_lightning.export import (
+        EVAL_SUMMARY,
+        check_replaceable,
+        export_policy,
+        push_to_hub,
+        write_json,
+        write_model_card,
+        zip_folder,
+    )
     from grpo_lightning.models import load_checkpoint_policy
 
     evaluation = json.loads(Path(args.eval_summary).read_text(encoding="utf-8")) if args.eval_summary else None
     if args.source.endswith(".ckpt"):
         if not args.out:
             raise ValueError("exporting a .ckpt needs --out FOLDER")
+        check_replaceable(Path(args.out), args.overwrite)  # before minutes of loading
         loaded = load_checkpoint_policy(args.source, base=args.base, merge_lora=not args.adapter_only)
         folder = export_policy(loaded.model, loaded.tokenizer, args.out, record=loaded.record, evaluation=evaluation,
-                               repo_id=args.push_to_hub, adapter_only=args.adapter_only)  # fmt: skip
+                               repo_id=args.push_to_hub, adapter_only=args.adapter_only, overwrite=args.overwrite)  # fmt: skip
     else:
         folder = Path(args.source)
         if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():

@@ -45,10 +45,23 @@ class DataError(ValueError):
     """Unusable input data; the message names the file and row."""
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""File types ``load_rows`` reads (JSON: one object per line)."""
+
+
 def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows from a local ``.jsonl``/``.json``/``.parquet`` file, or a Hub dataset name (config ``main``)."""
+    """Rows from a local ``.jsonl``/``.json``/``.parquet`` file, a folder holding a split's files (a downloaded
+    dataset: ``test.jsonl``, or ``main/test-00000-of-00001.parquet``), or a Hub dataset name (config ``main``).
+
+    A name that can only be a path (``./x``, ``data/train`` where ``data/`` exists, ``x.jsonl``) that does not exist
+    fails at once with "no such file or folder" rather than after a minute of Hub retries.
+    """
+    from grpo_lightning.export import looks_like_path
+
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+    if path.is_dir():
+        return [row for file in _split_files(path, split) for row in _load_local(file)]
+    if looks_like_path(source, (*DATA_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow")):
         return _load_local(path)
     try:
         import datasets
@@ -56,8 +69,28 @@ def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         return [dict(row) for row in datasets.load_dataset(source, "main", split=split)]
     except Exception as err:
         if _is_offline_error(err):
-            raise DataError(f"cannot load dataset {source!r} (split {split!r}). {HUB_OFFLINE_HELP}") from err
+            raise DataError(f"cannot load dataset {source!r} (split {split!r}): no such file or folder here, and not "
+                            f"from the Hub. {HUB_OFFLINE_HELP}") from err  # fmt: skip
         raise
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The files of ``split`` in a dataset folder (two levels deep), GSM8K's ``main`` configuration first."""
+    names = [f"{split}{suffix}" for suffix in DATA_SUFFIXES] + [f"{split}-*{suffix}" for suffix in DATA_SUFFIXES]
+    files = sorted({p for name in names for p in [*folder.glob(name), *folder.glob(f"[!.]*/{name}")] if p.is_file()})
+    configs = sorted({p.parent for p in files})
+    if len(configs) > 1:
+        files = [p for p in files if p.parent.name == "main"] or files
+        configs = sorted({p.parent for p in files})
+    if len(configs) > 1:
+        shown = ", ".join(str(c.relative_to(folder)) for c in configs)
+        raise DataError(f"data folder {str(folder)!r} holds {split!r} files in several folders ({shown}): pass one")
+    if not files:
+        raise DataError(
+            f"{str(folder)!r} is a folder without {split!r} data: pass a .jsonl, .json or .parquet file, or a folder "
+            f"holding {split}.jsonl or {split}-*.parquet (a downloaded dataset such as openai/gsm8k's main/ folder)"
+        )
+    return files
 
 
 def _is_offline_error(err: Exception) -> bool:
@@ -67,7 +100,7 @@ def _is_offline_error(err: Exception) -> bool:
 
 def _load_local(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+        raise DataError(f"data file {str(path)!r} does not exist (no such file or folder)")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -119,21 +152,39 @@ _NAMES = ("Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", 
 _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "shells")
 
 
-def synthetic_rows(n: int, seed: int = 0, max_value: int = 20) -> list[dict[str, str]]:
-    """``n`` GSM8K-style word problems with integer answers, deterministic for a seed (offline demos)."""
+def synthetic_rows(n: int, seed: int = 0, max_value: int = 20, operations: int = 1) -> list[dict[str, str]]:
+    """``n`` GSM8K-style word problems with integer answers, deterministic for a seed (offline demos).
+
+    ``operations=1``: one addition, subtraction or multiplication. ``operations=2``: half of the problems chain two
+    of them (e.g. buy, then give away).
+    """
+    if operations not in (1, 2):
+        raise ValueError(f"synthetic problems have 1 or 2 operations, got {operations}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
         a, b = rng.randint(1, max_value), rng.randint(1, max_value)
-        kind = rng.randrange(3)
+        kind = rng.randrange(3 * operations)
         if kind == 0:
             q, steps, ans = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?", f"{a}+{b}", a + b
         elif kind == 1:
             a, b = max(a, b), min(a, b)
             q, steps, ans = f"{name} had {a} {item} and gave away {b}. How many {item} are left?", f"{a}-{b}", a - b
-        else:
+        elif kind == 2:
             q, steps, ans = f"{name} buys {a} bags with {b} {item} in each. How many {item} is that?", f"{a}*{b}", a * b
+        else:
+            c = rng.randint(1, max_value)
+            if kind == 3:
+                a, c = a + c, c  # never negative
+                q = f"{name} has {a} {item}, finds {b} more and then gives {c} to a friend. How many {item} does {name} have now?"
+                steps, ans = f"{a}+{b}-{c}", a + b - c
+            elif kind == 4:
+                q = f"{name} buys {a} bags with {b} {item} in each and already had {c}. How many {item} does {name} have?"
+                steps, ans = f"{a}*{b}+{c}", a * b + c
+            else:
+                q = f"{name} and a friend each have {a} {item}, and each finds {b} more. How many {item} do they have together?"
+                steps, ans = f"2*({a}+{b})", 2 * (a + b)
         rows.append({"question": q, "answer": f"{steps} = <<{steps}={ans}>>{ans}\n#### {ans}"})
     return rows
 
@@ -245,6 +296,7 @@ class GSM8KDataModule(L.LightningDataModule):
         batch_size: int = 4,
         limit: int | None = None,
         synthetic_size: int = 512,
+        synthetic_operations: int = 1,
         seed: int = 0,
         on_bad_row: OnBadRow = "skip",
         shuffle: bool = True,
@@ -257,11 +309,12 @@ class GSM8KDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            source: Hub dataset name, local .jsonl/.parquet file, or "synthetic" for generated problems.
+            source: Hub dataset name, local .jsonl/.parquet file or a folder of them per split, or "synthetic".
             split: Split to read from a Hub dataset ("train" or "test").
             batch_size: Prompts per training step and process (B); each gets G completions. Global batch: B × processes.
             limit: Use only the first `limit` problems (None: all).
             synthetic_size: Number of generated problems when source is "synthetic".
+            synthetic_operations: Synthetic problems need 1 arithmetic operation, or (2) one or two.
             seed: Seed of the shuffling order (and of synthetic problems).
             on_bad_row: Rows without a question or '####' answer are skipped with a warning, or raise.
             shuffle: Shuffle the problems each epoch.
@@ -300,7 +353,10 @@ class GSM8KDataModule(L.LightningDataModule):
         self.problems = problems
 
     def _load(self, source: str, split: str, synthetic_size: int, seed: int) -> list[Problem]:
-        rows = synthetic_rows(synthetic_size, seed=seed) if source == SYNTHETIC else load_rows(source, split)
+        if source == SYNTHETIC:
+            rows = synthetic_rows(synthetic_size, seed=seed, operations=self.hparams.synthetic_operations)
+        else:
+            rows = load_rows(source, split)
         return to_problems(rows, on_bad_row=self.hparams.on_bad_row, source=source)
 
     def _unseen_synthetic(self, train: list[Problem], n: int) -> list[Problem]:

@@ -5,7 +5,10 @@ base model and a trained one are compared on equal terms. Each completion gets f
 
 - ``strict_correct``: it has an ``<answer>`` tag and the text inside equals the reference numerically;
 - ``lenient_correct``: the last number anywhere in the completion equals the reference;
-- ``strict_format`` / ``soft_format``: the notebook's two format checks (multi-line fix applied).
+- ``strict_format`` / ``soft_format``: the notebook's two format checks (multi-line fix applied);
+
+and two signs of collapse: ``reasoning_tokens`` and ``reasoning_copied`` (the reasoning is empty or a placeholder
+copied from the prompt's instructions, such as ``...``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from grpo_lightning.rewards import (
 )
 from grpo_lightning.rollout import RolloutEngine, SamplingConfig
 
-METRICS = ("strict_accuracy", "lenient_accuracy", "strict_format_rate", "soft_format_rate", "completion_length")
+METRICS = ("strict_accuracy", "lenient_accuracy", "strict_format_rate", "soft_format_rate", "completion_length",
+           "reasoning_length", "reasoning_copied_rate")  # fmt: skip
 
 
 @dataclass
@@ -41,10 +45,16 @@ class Grade:
     lenient_correct: bool
     strict_format: bool
     soft_format: bool
+    reasoning: str | None
+    """Text inside the first <reasoning> tag (None without one)."""
+    reasoning_copied: bool
+    """The reasoning is empty or copied from the prompt's instructions (a placeholder such as "..."): a collapse sign."""
 
 
-def grade(completion: str, reference: str) -> Grade:
+def grade(completion: str, reference: str, instructions: str = "") -> Grade:
+    """How ``completion`` scores; ``instructions`` (system prompt and user template) is where placeholders come from."""
     answer = extract_xml_answer(completion) if "<answer>" in completion else None
+    reasoning = reasoning_text(completion)
     reference_value = parse_number(reference)
     return Grade(
         answer=answer,
@@ -52,7 +62,18 @@ def grade(completion: str, reference: str) -> Grade:
         lenient_correct=reference_value is not None and last_number(completion) == reference_value,
         strict_format=strict_format_reward_func([completion])[0] > 0,
         soft_format=soft_format_reward_func([completion])[0] > 0,
+        reasoning=reasoning,
+        reasoning_copied=reasoning is not None and (not reasoning or reasoning in instructions),
     )
+
+
+def reasoning_text(completion: str) -> str | None:
+    """The stripped text between the first ``<reasoning>`` and the next ``</reasoning>`` (None without both tags)."""
+    start = completion.find("<reasoning>")
+    end = completion.find("</reasoning>", start + 1)
+    if start < 0 or end < 0:
+        return None
+    return completion[start + len("<reasoning>") : end].strip()
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -64,6 +85,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "strict_format_rate": sum(r["strict_format"] for r in records) / n,
         "soft_format_rate": sum(r["soft_format"] for r in records) / n,
         "completion_length": sum(r["completion_tokens"] for r in records) / n,
+        "reasoning_length": sum(r.get("reasoning_tokens", 0) for r in records) / n,
+        "reasoning_copied_rate": sum(r.get("reasoning_copied", False) for r in records) / n,
     }
 
 
@@ -82,6 +105,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens)
+    instructions = style.system_prompt + "\n" + style.user_template
     records = []
     with tqdm(total=len(problems), desc="evaluating", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), batch_size):
@@ -89,14 +113,16 @@ def evaluate(
             prompts = [encode_prompt(tokenizer, p.question, style=style, max_prompt_length=max_prompt_length) for p in batch]
             rollout = engine.generate(prompts, n=1, sampling=sampling)
             for problem, text, ids, cut in zip(batch, rollout.texts, rollout.completion_ids, rollout.truncated):
+                graded = grade(text, problem.answer, instructions)
                 records.append(
                     {
                         "index": problem.index,
                         "question": problem.question,
                         "reference": problem.answer,
                         "completion": text,
-                        **asdict(grade(text, problem.answer)),
+                        **asdict(graded),
                         "completion_tokens": len(ids),
+                        "reasoning_tokens": len(tokenizer.encode(graded.reasoning, add_special_tokens=False)) if graded.reasoning else 0,
                         "truncated": cut,
                     }
                 )

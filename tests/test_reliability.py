@@ -130,16 +130,17 @@ def test_equal_rewards_and_empty_completions_give_a_finite_zero_step(tmp_path, m
 
 def test_reward_errors_become_zero_with_a_warning_when_asked(tmp_path):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
-                      model={"grpo.reward_funcs": ["reward_fixtures:nan_reward", "xmlcount_reward_func"], "grpo.on_reward_error": "zero"})  # fmt: skip
-    with pytest.warns(UserWarning, match="reward function 'nan_reward' returned non-finite values"):
+                      model={"grpo.reward_funcs": ["reward_fixtures:inf_reward", "xmlcount_reward_func"], "grpo.on_reward_error": "zero"})  # fmt: skip
+    with pytest.warns(UserWarning, match="reward function 'inf_reward' returned non-finite values"):
         main(["fit", "--config", str(cfg)])
-    (row,) = [r for r in metrics(tmp_path) if r.get("train/rewards/nan_reward")]
-    assert float(row["train/rewards/nan_reward"]) == 0.0
+    (row,) = [r for r in metrics(tmp_path) if r.get("train/rewards/inf_reward")]
+    assert float(row["train/rewards/inf_reward"]) == 0.0
 
 
-def test_nan_reward_stops_training_naming_the_function(tmp_path):
-    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"grpo.reward_funcs": ["reward_fixtures:nan_reward"]})
-    with pytest.raises(ValueError, match="reward function 'nan_reward' returned non-finite values"):
+def test_infinite_reward_stops_training_naming_the_function(tmp_path):
+    """(NaN and None mean "not applicable", as in TRL: see test_rewards.py.)"""
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"grpo.reward_funcs": ["reward_fixtures:inf_reward"]})
+    with pytest.raises(ValueError, match="reward function 'inf_reward' returned non-finite values"):
         main(["fit", "--config", str(cfg)])
 
 
@@ -202,7 +203,7 @@ def test_offline_hub_errors_name_hf_hub_offline_and_local_paths():
     from grpo_lightning.models import ModelConfig, ModelLoadError, load_tokenizer
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 and pass a local folder"):
+    with pytest.raises(ModelLoadError, match=r"no such file or folder, and not in the local Hub cache \(HF_HUB_OFFLINE=1"):
         load_tokenizer(ModelConfig("someone/some-model-that-is-not-cached"))
     with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
         GSM8KDataModule(source="someone/some-dataset-that-is-not-cached").setup("fit")
@@ -278,3 +279,179 @@ def test_long_run_memory_stays_flat(tmp_path):
     # A leak grows by the same amount every 100 steps; warm-up slows down (measured: ~70 then 14–18 MiB).
     # Keeping one step's autograd graph or rollout alive per step would add far more than 24 MiB per 100 steps.
     assert late < max(0.5 * early, 24), probe.samples
+
+
+# ------------------------------------------------------------------------------ issue 20: a new user's mistakes
+def _quick(tmp_path, steps=1, every=50, **overrides):
+    """The CPU demo for a few steps, no validation or preflight, checkpoints every ``every`` steps."""
+    overrides["model"] = {"grpo.preflight": "off", **overrides.get("model", {})}
+    cfg = demo_config(tmp_path, trainer={"max_steps": steps}, data={"val_size": 0}, **overrides)
+    cfg_dict = yaml.safe_load(cfg.read_text())
+    cfg_dict["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
+    cfg.write_text(yaml.safe_dump(cfg_dict))
+    return cfg
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwrite(tmp_path):
+    from grpo_lightning.callbacks import CheckpointsExistError
+
+    cfg = _quick(tmp_path)
+    main(["fit", "--config", str(cfg)])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = (checkpoints / "last.ckpt").read_bytes()
+    with pytest.raises(CheckpointsExistError, match=r"earlier run \(last\.ckpt\)\. Resume it with --ckpt_path last.*--overwrite"):  # fmt: skip
+        main(["fit", "--config", str(cfg)])
+    assert (checkpoints / "last.ckpt").read_bytes() == before and not (checkpoints / "last-v1.ckpt").exists()
+    main(["fit", "--config", str(cfg), "--overwrite", "--trainer.max_steps", "2"])
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # the new run's, never last-v1.ckpt
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_resume_takes_the_newest_complete_checkpoint_after_a_kill_before_last_ckpt(tmp_path):
+    import shutil
+
+    cfg = _quick(tmp_path, steps=4, every=2)
+    main(["fit", "--config", str(cfg)])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    # killed after writing the step-4 checkpoint, before last.ckpt: last.ckpt still holds step 2 (and is newer by time)
+    shutil.copy(checkpoints / "epoch=0-step=2.ckpt", checkpoints / "last.ckpt")
+    cli = main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path.endswith("epoch=0-step=4.ckpt") and cli.trainer.global_step == 4
+    # killed during the very first save: no last.ckpt at all, only the step checkpoint
+    (checkpoints / "last.ckpt").unlink()
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "StepCheckpoint"]
+    assert [p.rsplit("/", 1)[-1] for p in callback._find_last_checkpoints(cli.trainer)] == ["epoch=0-step=4.ckpt"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    dead = _dead_pid()
+    stale = [checkpoints / f".last.ckpt.tmp-{dead}-x1y2", checkpoints / f".epoch=0-step=3.ckpt.tmp-{dead}-ab",
+             run / f".hf_export.old-{dead}"]  # fmt: skip
+    legacy = checkpoints / ".last.ckpt.tmp-k2j3h4"  # written before temporaries carried a process id
+    kept = [checkpoints / f".last.ckpt.tmp-{os.getpid()}-zz", checkpoints / f".notes.txt.tmp-{dead}-q",
+            run / ".mine.old-1"]  # fmt: skip
+    for path in [*stale, legacy, *kept]:
+        path.write_bytes(b"partial")
+    os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+    (run / f".hf_export.tmp-{dead}-abc").mkdir()
+    (run / f".hf_export.tmp-{dead}-abc" / "model.safetensors").write_bytes(b"half")
+    main(["fit", "--config", str(_quick(tmp_path))])
+    assert not any(p.exists() for p in [*stale, legacy, run / f".hf_export.tmp-{dead}-abc"])
+    assert all(p.exists() for p in kept)  # a live writer's, and files that are not ours
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    import stat
+
+    from grpo_lightning.export import append_jsonl
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "summary.json", {"a": 1})
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "last.ckpt")
+        append_jsonl(tmp_path / "samples.jsonl", {"a": 1})
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "last.ckpt", "samples.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name  # 0o666 & ~0o027, not mkstemp's 0o600
+
+
+def test_a_full_disk_while_checkpointing_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, f) -> None:
+            self.f, self.room = f, 500
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.f.write(data)
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, FullDisk(f)))  # torch: "enforce fail … unexpected pos"
+    with pytest.raises(OSError, match=r"could not write checkpoint '.*last\.ckpt': the disk is full"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.ones(10_000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resuming_with_more_steps_stretches_the_schedule_and_says_so(tmp_path):
+    from grpo_lightning.module import warmup_cosine
+
+    cfg = _quick(tmp_path, steps=4, every=2)
+    main(["fit", "--config", str(cfg)])
+    with pytest.warns(UserWarning, match=r"planned for 4 steps \(warmup 1\) and now spans 8 \(warmup 1; trainer.max_steps"):  # fmt: skip
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "8", "--ckpt_path", "last"])
+    (resumed,) = (tmp_path / "run" / "csv").glob("version_1/metrics.csv")
+    import csv
+
+    lrs = [float(r["train/lr"]) for r in csv.DictReader(resumed.open()) if r.get("train/lr")]
+    peak = yaml.safe_load(cfg.read_text())["model"]["optim"]["lr"]
+    assert lrs == pytest.approx([peak * warmup_cosine(step, 8, 1) for step in range(4, 8)])  # no 0.0, no jump
+
+
+def test_a_negative_learning_rate_names_the_setting():
+    from grpo_lightning.module import OptimConfig, validate_optim
+
+    with pytest.raises(ValueError, match=r"model\.optim\.lr=-0\.001: the peak learning rate must be > 0"):
+        validate_optim(OptimConfig(lr=-1e-3))
+
+
+def test_train_py_prints_a_configuration_error_as_one_line(tmp_path, capsys, monkeypatch):
+    from grpo_lightning.cli import train
+
+    cfg = _quick(tmp_path)
+    monkeypatch.delenv("GRPO_DEBUG", raising=False)
+    assert train(["fit", "--config", str(cfg), "--model.optim.lr", "-0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "train.py: error: invalid optimizer configuration:\n  model.optim.lr=-0.001" in err
+    assert "Traceback" not in err and "GRPO_DEBUG=1 shows the traceback" in err
+    monkeypatch.setenv("GRPO_DEBUG", "1")  # the full traceback, for a bug report
+    with pytest.raises(ValueError, match="model.optim.lr"):
+        train(["fit", "--config", str(cfg), "--model.optim.lr", "-0.001"])
+
+
+def test_ctrl_c_during_fit_exits_130_after_a_graceful_shutdown(tmp_path, monkeypatch):
+    from grpo_lightning.module import GRPOModule
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GRPOModule, "training_step", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(_quick(tmp_path))])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C during its shutdown
+    assert info.value.code == 130
+
+
+def test_the_progress_bar_never_reads_epoch_0_of_minus_2(tmp_path):
+    pytest.importorskip("rich")
+    from grpo_lightning.callbacks import StepProgressBar
+
+    cli = main(["--config", str(_quick(tmp_path, steps=100)), "--trainer.enable_progress_bar", "true"], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar)
+    cli.trainer.fit_loop.max_epochs = -1  # what Lightning sets when max_steps alone bounds training
+    bar._trainer = cli.trainer
+    description = bar._get_train_description(0)
+    assert "/-" not in description and description.strip() == "Epoch 0 (max_steps 100)"

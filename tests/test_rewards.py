@@ -98,11 +98,13 @@ def short(prompts, completions, **kw):
     return [1.0]
 
 
-def nan(prompts, completions, **kw):
-    return [math.nan] * len(completions)
+def infinite(prompts, completions, **kw):
+    return [math.inf] * len(completions)
 
 
-@pytest.mark.parametrize("fn, message", [(broken, "raised RuntimeError: boom"), (short, "returned 1 values for 2"), (nan, "non-finite")])
+@pytest.mark.parametrize(
+    "fn, message", [(broken, "raised RuntimeError: boom"), (short, "returned 1 values for 2"), (infinite, "non-finite")]
+)
 def test_bad_reward_functions_are_named(fn, message):
     with pytest.raises(R.RewardError, match=rf"'{fn.__name__}'.*{message}"):
         R.combine_rewards([fn], ["p", "p"], ["a", "b"])
@@ -138,3 +140,77 @@ def test_rewards_and_extractors_never_raise(text):
         for seed in (False, True):
             (value,) = fn(prompts=[text], completions=[conv(text)], answer=[text], strict_seed_semantics=seed)
             assert math.isfinite(value)
+
+
+# --- TRL 1.16's calling convention: token ids, trainer state, logging hooks, None, async -------------------------
+
+
+def only_short(completions, **kw):
+    """Applies to completions under 5 characters only (None: not applicable)."""
+    return [1.0 if len(R.completion_text(c)) < 5 else None for c in completions]
+
+
+def test_none_means_not_applicable_and_is_left_out_of_the_sum_and_the_mean():
+    funcs = [only_short, R.xmlcount_reward_func]
+    out = R.combine_rewards(funcs, ["p"] * 3, ["ok", GOOD, "no tags here"], weights=[2.0, 1.0])
+    assert math.isnan(out.per_function["only_short"][1])  # kept as "missing", never a silent 0
+    assert out.total == [pytest.approx(2.0), pytest.approx(0.5), 0.0]  # NaN-ignoring sum, as TRL's nansum
+    alone = R.combine_rewards([only_short], ["p"] * 2, ["ok", GOOD])
+    assert alone.total[0] == 1.0 and math.isnan(alone.total[1])  # no function applied: the total is missing too
+
+
+def test_trl_keywords_reach_the_reward_functions():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, answer, **kw):
+        seen.update(ids=completion_ids, step=trainer_state.global_step, answer=answer)
+        log_metric("spy/calls", 1.0)
+        log_extra("note", [f"row {i}" for i in range(len(completions))])
+        return [0.0] * len(completions)
+
+    out = R.score_groups([spy], ["q1"], ["a", "b"], 2, columns={"answer": ["7"]}, completion_ids=[[1], [2, 3]],
+                         trainer_state=R.RewardState(global_step=5))  # fmt: skip
+    assert seen == {"ids": [[1], [2, 3]], "step": 5, "answer": ["7", "7"]}
+    assert out.metrics == {"spy/calls": [1.0]} and out.extra == {"note": ["row 0", "row 1"]}
+
+
+def test_async_reward_functions_run_and_raise_with_their_name():
+    async def slow_len(completions, **kw):
+        return [float(len(R.completion_text(c))) for c in completions]
+
+    class AsyncScorer:  # a callable object whose __call__ is async counts as async too
+        __name__ = "async_scorer"
+
+        async def __call__(self, completions, **kw):
+            return [1.0] * len(completions)
+
+    async def failing(completions, **kw):
+        raise RuntimeError("async boom")
+
+    out = R.combine_rewards([slow_len, AsyncScorer(), R.xmlcount_reward_func], ["p", "p"], ["ab", "abcd"])
+    assert out.per_function["slow_len"] == [2.0, 4.0] and out.per_function["async_scorer"] == [1.0, 1.0]
+    assert out.total == [3.0, 5.0]
+    with pytest.raises(R.RewardError, match="'failing' raised RuntimeError: async boom"):
+        R.combine_rewards([failing], ["p"], ["x"])
+
+
+def test_soft_overlong_punishment_is_dapos_and_equals_trls():
+    from trl.rewards import get_soft_overlong_punishment
+
+    ids = [[1] * length for length in (0, 60, 80, 81, 90, 100, 120)]
+    ours = R.soft_overlong_punishment(ids, max_completion_len=100, soft_cache_len=20)
+    assert ours == [0.0, 0.0, 0.0, -0.05, -0.5, -1.0, -1.0]  # DAPO Eq. 13: 0, linear to −1 over the cache, −1
+    assert ours == get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)(ids)
+    assert R.resolve_reward("soft_overlong_punishment") is R.soft_overlong_punishment
+
+
+def test_trls_own_reward_helpers_run_unchanged():
+    from trl.rewards import get_soft_overlong_punishment, think_format_reward
+
+    overlong = get_soft_overlong_punishment(max_completion_len=4, soft_punish_cache=2)
+    out = R.score_groups([overlong, think_format_reward], [[{"role": "user", "content": "q"}]],
+                         ["<think>\nx\n</think>\nok", "no"], 2, columns={"answer": ["1"]},
+                         completion_ids=[[5, 6, 7, 8], [5]], trainer_state=R.RewardState())  # fmt: skip
+    assert out.per_function["soft_overlong_punishment_reward"] == [-1.0, 0.0]
+    assert out.per_function["think_format_reward"] == [1.0, 0.0]
+    assert out.total == [0.0, 0.0]

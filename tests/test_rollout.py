@@ -120,3 +120,57 @@ def test_fused_sequence_logprobs_equal_the_logits_path(tiny_model, tiny_tokenize
     assert torch.allclose(fused_logp, plain_logp, atol=tol)
     for got, want in zip(fused_grads, plain_grads):
         assert torch.allclose(got, want, atol=tol, rtol=tol)
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: every request yields one sample ending in ``tokens``."""
+
+    tokens: list[int] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def generate(self, requests, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        sample = SimpleNamespace(index=0, token_ids=list(self.tokens), logprobs=None)
+        return [SimpleNamespace(outputs=[sample]) for _ in requests]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM = _FakeLLM
+    module.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_vllm_engine_ends_completions_at_the_generation_configs_eos_ids_too(fake_vllm, tiny_tokenizer, tmp_path):
+    # Qwen2.5-Instruct: vLLM stops on <|im_end|> and <|endoftext|> (generation_config.json), not only on the tokenizer's
+    from transformers import GenerationConfig
+
+    from grpo_lightning.rollout import VLLMEngine
+
+    other_eos = tiny_tokenizer.pad_token_id
+    assert other_eos != tiny_tokenizer.eos_token_id
+    GenerationConfig(eos_token_id=[tiny_tokenizer.eos_token_id, other_eos]).save_pretrained(tmp_path)
+    _FakeLLM.tokens = [5, 6, other_eos]  # what vLLM returns when it stopped on the second EOS id
+    engine = VLLMEngine(str(tmp_path), tiny_tokenizer)
+    assert other_eos in engine.eos_ids
+    out = engine.generate([[1, 2]], n=1, sampling=SamplingConfig(max_tokens=8))
+    assert out.completion_ids == [[5, 6, other_eos]] and out.truncated == [False]  # ended properly, not truncated
+
+
+def test_both_engines_use_the_policys_eos_set(fake_vllm, tiny_model, tiny_tokenizer, tmp_path):
+    from grpo_lightning.rollout import make_engine
+
+    tiny_model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, 7]
+    hf = make_engine("hf", tiny_model, tiny_tokenizer)
+    vllm = make_engine("vllm", tiny_model, tiny_tokenizer, model_path=str(tmp_path))  # no generation config there
+    assert hf.eos_ids == vllm.eos_ids == sorted({tiny_tokenizer.eos_token_id, 7})
+    _FakeLLM.tokens = [5, 7, 9]
+    assert vllm.generate([[1]], n=1, sampling=SamplingConfig(max_tokens=8)).completion_ids == [[5, 7]]

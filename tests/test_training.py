@@ -10,6 +10,7 @@ import yaml
 
 from conftest import REPO, demo_config, metrics
 from grpo_lightning.cli import main
+from grpo_lightning.module import GRPOConfig
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -26,7 +27,9 @@ def test_help_documents_fields(capsys):
         main(["fit", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("G: completions sampled per prompt", "KL penalty coefficient", "Prompts per training step", "Peak learning rate"):
+    for text in ("G: completions sampled per prompt", "KL penalty coefficient", "Prompts per training step",
+                 "Peak learning rate", "GSPO", "use_bias_correction_kl", "top_entropy_quantile", "DAPO dynamic sampling",
+                 "disable_dropout", "importance_sampling_mode", "bnpo_per_micro_batch", "reward_kwargs"):  # fmt: skip
         assert text in out
 
 
@@ -43,7 +46,7 @@ def test_documented_metrics_are_logged(demo_run):
     expected = {
         "train/reward", "train/reward_std", "train/frac_reward_zero_std", "train/completion_length",
         "train/truncated_fraction", "train/kl", "train/clip_ratio/low", "train/clip_ratio/high", "train/loss",
-        "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/sync_seconds",
+        "train/grad_norm", "train/lr", "train/tokens_per_second", "rollout/sync_seconds", "train/entropy",
         "train/rewards/correctness_reward_func", "train/rewards/xmlcount_reward_func",
     }  # fmt: skip
     assert expected <= logged, expected - logged
@@ -83,6 +86,42 @@ def test_resume_from_last_checkpoint(tmp_path):
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 6
     assert resumed["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_the_new_methods_train_through_the_cli(tmp_path):
+    """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping and TRL's bnpo: 2 steps."""
+    rewards = ["xmlcount_reward_func", "soft_overlong_punishment"]
+    cfg = demo_config(tmp_path, trainer={"max_steps": 2}, model={
+        "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
+        "grpo.top_entropy_quantile": 0.2, "grpo.dynamic_sampling_max_rounds": 2, "grpo.reward_funcs": rewards,
+        "grpo.reward_kwargs": {"soft_cache_len": 4},
+        "grpo.loss_type": "bnpo", "grpo.bnpo_per_micro_batch": True,
+    })  # fmt: skip
+    main(["fit", "--config", str(cfg)])
+    rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
+    assert len(rows) == 2
+    for name in ("train/entropy", "train/dynamic_sampling/groups_dropped", "train/dynamic_sampling/rounds",
+                 "train/rewards/soft_overlong_punishment"):  # fmt: skip
+        assert all(r.get(name) not in (None, "") for r in rows), name
+    assert all(float(r["train/entropy"]) > 0 for r in rows)
+    assert all(float(r["train/rewards/soft_overlong_punishment"]) <= 0 for r in rows)
+
+
+def test_dropout_is_off_in_the_policy(tmp_path):
+    from grpo_lightning.models import ModelConfig
+    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "dropout", attention_dropout=0.5)
+    ids = torch.arange(3, 12)[None]
+    for disable in (False, True):
+        grpo = GRPOConfig(beta=0.0, disable_dropout=disable)
+        module = GRPOModule(policy=ModelConfig(name_or_path=str(path)), grpo=grpo)
+        module.configure_model()
+        module.policy.train()
+        torch.manual_seed(0)
+        first, second = module.policy(ids).logits, module.policy(ids).logits
+        assert torch.equal(first, second) == disable  # with dropout, two forwards of one input differ
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

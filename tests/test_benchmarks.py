@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end on the tiny demo (numbers meaningless, code paths real)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, demo_config
+
+
+def test_learning_vs_trl_runs_both_sides_and_draws_the_figure(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the side compared against (pip install -e '.[bench]')")
+    config = demo_config(tmp_path, data={"val_size": 0}, model={"grpo.num_generations": 4, "sampling.max_tokens": 8})
+    out = tmp_path / "cmp"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "learning_vs_trl.py"), "--config", str(config),
+                             "--steps", "3", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for side in ("ours", "trl"):
+        rows = list(csv.DictReader((out / side / "metrics.csv").open()))
+        assert [int(float(r["step"])) for r in rows] == [1, 2, 3], side  # one row per optimizer step, same numbering
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds"]["ours"] > 0 and summary["seconds"]["trl"] > 0
+    assert set(summary["last_20_percent"]) == {"ours", "trl"} and "ours_at_least_trl_minus_2se" in summary
+    assert (out / "reward_curves.png").stat().st_size > 10_000

@@ -8,6 +8,7 @@ recipes ask for ``precision: auto`` and this module resolves it. No Lightning, n
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -20,16 +21,17 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of CPUs that compute bfloat16 in hardware."""
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux; empty elsewhere, which counts as 'no native bf16')."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="ignore")
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -541,18 +541,10 @@ class GRPOModule(L.LightningModule):
                 out[rows, : seqs.completion_width] = self.sequence_logprobs(model, seqs)
         return out
 
-    def optimize(
-        self,
-        prompts: list[list[int]],
-        rollout: Rollout,
-        advantages: torch.Tensor,  # [N]
-        mask: torch.Tensor,  # [N, T]
-        old_logp: torch.Tensor | None,  # [N, T]
-        ref_logp: torch.Tensor | None,  # [N, T]
-    ) -> dict[str, float]:
-        """One optimizer step over all N sequences, accumulated over micro-batches."""
+    def optimize(self, *step: Any) -> dict[str, float]:
+        """One optimizer step over all N sequences (``step``: the inputs of :meth:`accumulate_gradients`)."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        stats = self.accumulate_gradients(prompts, rollout, advantages, mask, old_logp, ref_logp)
+        stats = self.accumulate_gradients(*step)
         stats["lr"] = optimizer.param_groups[0]["lr"]  # the rate this update uses, before the scheduler moves it
         stats["grad_norm"] = self.clip_and_step(optimizer, scheduler)
         return stats

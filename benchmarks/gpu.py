@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --tiny           # the same code on the tiny model, CPU (a smoke run, numbers meaningless)
 
 Measured, each as the median of `--repeats` after a warm-up:
-- training: forward + backward of the policy through the trainer's own log-prob path (`GRPOModule.sequence_logprobs`:
+- training: forward + backward of the policy through the trainer's own log-prob path (`grpo_lightning.logprobs.sequence_logprobs`:
   bf16 autocast, fused head, the prompt's forward shared by its completions) on one micro-batch of `--micro`
   completions of one P-token prompt, plus the AdamW step; tokens/s counts the tokens the model runs (P + micro · T),
   MFU = 6 · parameters · those tokens / s / peak FLOP/s;
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo_lightning.batch import pack_sequences  # noqa: E402
-from grpo_lightning.module import GRPOModule  # noqa: E402
-from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine  # noqa: E402
-from grpo_lightning.tiny import build_tokenizer  # noqa: E402
+from grpo_lightning.batch import pack_sequences
+from grpo_lightning.logprobs import sequence_logprobs
+from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine
+from grpo_lightning.tiny import build_tokenizer
 
 QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                 num_key_value_heads=2, vocab_size=151_936, max_position_embeddings=32_768, tie_word_embeddings=True,
@@ -68,7 +68,9 @@ def build_folder(config: dict, out: Path, tokenizer) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(**config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    )
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -110,11 +112,10 @@ def main() -> None:
         prompts = torch.randint(0, vocab, (B, P)).tolist()
         group = torch.randint(0, vocab, (args.micro, T)).tolist()  # a micro-batch: completions of one prompt
         seqs = pack_sequences([prompts[0]] * args.micro, group, tokenizer.pad_token_id).to(device)
-        module = GRPOModule()  # its defaults: fused log-probs, shared prompt forward
 
         def train_micro() -> None:
             with torch.autocast(device, dtype=torch.bfloat16):
-                logp = module.sequence_logprobs(model, seqs)
+                logp = sequence_logprobs(model, seqs)  # defaults: fused log-probs, shared prompt forward
             logp.mean().backward()
 
         def optimizer_step() -> None:  # zeroed, not freed: every timed repeat updates every parameter
@@ -137,11 +138,15 @@ def main() -> None:
         model.eval()
         hf = HFEngine(model, tokenizer)
         with torch.autocast(device, dtype=torch.bfloat16):
-            rows["HF rollout tokens/s"] = B * G * T / timed(lambda: hf.generate(prompts, n=G, sampling=sampling), args.repeats)
+            rows["HF rollout tokens/s"] = (
+                B * G * T / timed(lambda: hf.generate(prompts, n=G, sampling=sampling), args.repeats)
+            )
         if importlib.util.find_spec("vllm"):
             vllm = VLLMEngine(str(folder), tokenizer, VLLMConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                                                                  dtype="bfloat16", max_model_len=P + T + 8))  # fmt: skip
-            rows["vLLM rollout tokens/s"] = B * G * T / timed(lambda: vllm.generate(prompts, n=G, sampling=sampling), args.repeats)
+            rows["vLLM rollout tokens/s"] = (
+                B * G * T / timed(lambda: vllm.generate(prompts, n=G, sampling=sampling), args.repeats)
+            )
             rows["weight sync (s)"] = timed(lambda: vllm.update_weights(model.named_parameters()), args.repeats)
 
     for key, value in rows.items():

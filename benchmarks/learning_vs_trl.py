@@ -34,7 +34,12 @@ CURVES = {  # panel → (our metric, TRL's log key)
     "strict format reward": ("train/rewards/strict_format_reward_func", "rewards/strict_format_reward_func/mean"),
     "correctness reward": ("train/rewards/correctness_reward_func", "rewards/correctness_reward_func/mean"),
 }
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "2"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+}
 
 
 def recipe(config: str, steps: int):
@@ -49,7 +54,7 @@ def run_ours(config: str, steps: int, out: Path) -> float:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", config, "--trainer.max_steps", str(steps),
            "--data.val_size", "0", "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-           "--model.grpo.preflight", "off", "--overwrite"]  # fmt: skip
+           "--model.rewards.preflight", "off", "--overwrite"]  # fmt: skip
     start = time.perf_counter()
     with open(out / "train.log", "w") as log:
         subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT)
@@ -73,15 +78,15 @@ def run_trl(config: str, steps: int, out: Path) -> float:
 
     cli = recipe(config, steps)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
-    grpo, sampling, optim = module.grpo, module.sampling, module.optim
+    grpo, sampling, optim, rewards = module.grpo, module.sampling, module.optim, module.rewards
     B, G = data.hparams.batch_size, grpo.num_generations
-    check_loadable(module.policy_config)
+    policy = check_loadable(module.policy_config)
     folder = out / "policy-hf"
     if not (folder / "config.json").is_file():  # the exact weights our side starts from
-        save_hf_folder(load_causal_lm(module.policy_config), load_tokenizer(module.policy_config), folder)
+        save_hf_folder(load_causal_lm(policy), load_tokenizer(policy), folder)
     order = list(ResumableSampler(len(data.problems), data.hparams.seed, data.hparams.shuffle))[: B * steps]
     problems = [data.problems[i] for i in order]
-    dataset = Dataset.from_list([{"prompt": prompt_messages(p.question, module.prompt_style), "answer": p.answer,
+    dataset = Dataset.from_list([{"prompt": prompt_messages(p.question, module.prompt), "answer": p.answer,
                                   "question": p.question} for p in problems])  # fmt: skip
     bf16 = "bf16" in str(trainer.precision)
     args = GRPOConfig(
@@ -92,7 +97,7 @@ def run_trl(config: str, steps: int, out: Path) -> float:
         weight_decay=optim.weight_decay, warmup_steps=optim.warmup_ratio, lr_scheduler_type="cosine",  # a float: a ratio
         beta=grpo.beta, epsilon=grpo.epsilon_low, epsilon_high=grpo.epsilon_high, loss_type=grpo.loss_type,
         scale_rewards="group" if grpo.advantage_scale == "group" else grpo.advantage_scale,
-        use_bias_correction_kl=False, max_grad_norm=grpo.max_grad_norm, reward_weights=grpo.reward_weights,
+        use_bias_correction_kl=False, max_grad_norm=optim.max_grad_norm, reward_weights=rewards.weights,
         num_iterations=grpo.num_iterations, mask_truncated_completions=grpo.mask_truncated_completions,
         bf16=bf16, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=1,
         shuffle_dataset=False, seed=data.hparams.seed, dataloader_num_workers=0, disable_tqdm=False,
@@ -137,7 +142,7 @@ def plot(sides: dict[str, list[dict[str, float]]], png: Path, seconds: dict[str,
     from plot_run import smooth
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.6 * len(CURVES), 3.4))
-    for ax, panel in zip(axes, CURVES):
+    for ax, panel in zip(axes, CURVES, strict=False):
         for side, rows in sides.items():
             steps, values = [r["step"] for r in rows], [r[panel] for r in rows]
             ax.plot(steps, values, alpha=0.2)
@@ -156,7 +161,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="training recipe both sides follow")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps on each side (default: 100)")
     parser.add_argument("--out", default="runs/learning-vs-trl", help="output folder")
-    parser.add_argument("--sides", default="ours,trl", help="comma-separated: ours, trl (the other side's results are reused)")
+    parser.add_argument(
+        "--sides", default="ours,trl", help="comma-separated: ours, trl (the other side's results are reused)"
+    )
     parser.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -177,14 +184,25 @@ def main() -> None:
                                       stderr=log, text=True, check=True)  # fmt: skip
             summary["seconds"]["trl"] = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
         print(f"{side}: {summary['seconds'][side]:.0f} s", flush=True)
-    sides = {side: read_rows(out / side / "metrics.csv") for side in ("ours", "trl") if (out / side / "metrics.csv").is_file()}
-    summary["last_20_percent"] = {side: {panel: last_fifth(rows, panel) for panel in CURVES} for side, rows in sides.items()}
+    sides = {
+        side: read_rows(out / side / "metrics.csv")
+        for side in ("ours", "trl")
+        if (out / side / "metrics.csv").is_file()
+    }
+    summary["last_20_percent"] = {
+        side: {panel: last_fifth(rows, panel) for panel in CURVES} for side, rows in sides.items()
+    }
     for side, values in summary["last_20_percent"].items():
         print(f"{side:5s} " + "  ".join(f"{panel} {m:.3f} ± {se:.3f}" for panel, (m, se) in values.items()))
     if {"ours", "trl"} <= sides.keys():
-        (ours, _), (trl, trl_se) = summary["last_20_percent"]["ours"]["total reward"], summary["last_20_percent"]["trl"]["total reward"]
+        (ours, _), (trl, trl_se) = (
+            summary["last_20_percent"]["ours"]["total reward"],
+            summary["last_20_percent"]["trl"]["total reward"],
+        )
         summary["ours_at_least_trl_minus_2se"] = ours >= trl - 2 * trl_se
-        print(f"ours {ours:.3f} vs TRL {trl:.3f} − 2·{trl_se:.3f}: {'met' if summary['ours_at_least_trl_minus_2se'] else 'missed'}")
+        print(
+            f"ours {ours:.3f} vs TRL {trl:.3f} − 2·{trl_se:.3f}: {'met' if summary['ours_at_least_trl_minus_2se'] else 'missed'}"
+        )
     plot(sides, out / "reward_curves.png", summary["seconds"])
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"figure: {out / 'reward_curves.png'}\nsummary: {summary_path}")

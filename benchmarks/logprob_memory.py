@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo_lightning.algorithm import head_token_logprobs, token_logprobs  # noqa: E402
+from grpo_lightning.algorithm import head_token_logprobs, token_logprobs
 
 
 def rss_kib(field: str) -> int:
@@ -105,7 +105,14 @@ def main() -> None:
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
-    out = [f"--n={args.n}", f"--t={args.t}", f"--v={args.v}", f"--h={args.h}", f"--dtype={args.dtype}", f"--repeats={args.repeats}"]
+    out = [
+        f"--n={args.n}",
+        f"--t={args.t}",
+        f"--v={args.v}",
+        f"--h={args.h}",
+        f"--dtype={args.dtype}",
+        f"--repeats={args.repeats}",
+    ]
     return out + (["--backward"] if args.backward else [])
 
 

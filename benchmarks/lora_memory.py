@@ -99,7 +99,9 @@ def main() -> None:
                   f"{r['total'] / 1e6:.1f} M | weights+grads+AdamW+reference {state_gib(r):5.2f} GiB | "
                   f"{r['seconds']:.0f} s for {args.steps} steps")  # fmt: skip
     full, lora = results["full"], results["lora"]
-    print(f"rss_ratio={lora['peak_rss_mib'] / full['peak_rss_mib']:.3f} state_ratio={state_gib(lora) / state_gib(full):.3f}")
+    print(
+        f"rss_ratio={lora['peak_rss_mib'] / full['peak_rss_mib']:.3f} state_ratio={state_gib(lora) / state_gib(full):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def child(args: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {}
     shapes: list[dict] = []
 
-    def timed(method: str, phase: str):
-        inner = getattr(GRPOModule, method)
+    def timed(method: str, phase: str, owner: type = GRPOModule):
+        inner = getattr(owner, method)
 
         def wrapper(self, *a, **k):
             start = time.perf_counter()
@@ -78,11 +78,17 @@ def child(args: argparse.Namespace) -> None:
             finally:
                 times.setdefault(phase, []).append(time.perf_counter() - start)
 
-        setattr(GRPOModule, method, wrapper)
+        setattr(owner, method, wrapper)
 
     for method, phase in PHASES:
-        if hasattr(GRPOModule, method):
+        if hasattr(GRPOModule, method):  # checkouts differ in where a phase lives
             timed(method, phase)
+    try:
+        from grpo_lightning.rollout_worker import RolloutWorker
+
+        timed("sync", "weight sync", RolloutWorker)
+    except ImportError:
+        pass
     generate = GRPOModule.generate
 
     def record_shapes(self, questions):
@@ -103,13 +109,13 @@ def child(args: argparse.Namespace) -> None:
     overrides = ["--trainer.max_steps", str(args.steps), "--data.val_size", "0", "--trainer.default_root_dir", args.out,
                  "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]  # fmt: skip
     if Path("grpo_lightning/preflight.py").exists():  # checkouts from before the preflight have no such field
-        overrides += ["--model.grpo.preflight", "off"]
+        overrides += ["--model.rewards.preflight", "off"]
     cli_obj = cli.main(["--config", args.config, *overrides], run=False)
     cli_obj.trainer.callbacks.append(Stamp())
     cli_obj.trainer.fit(cli_obj.model, datamodule=cli_obj.datamodule)
     model = cli_obj.model
     print(json.dumps({
-        "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
+        "step_seconds": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
         "phases": {k: v[1:] for k, v in times.items()},  # the first step warms up
         "shapes": shapes[1:],
         "params": sum(p.numel() for p in model.policy.parameters()),
@@ -138,7 +144,17 @@ def floors(result: dict, rates: dict) -> dict[str, float]:
 def measure(repo: Path, config: str, steps: int, out: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2",
            "WANDB_MODE": "disabled", "PYTHONPATH": str(repo)}  # fmt: skip
-    cmd = [sys.executable, __file__, "--child", "--config", str(Path(config).resolve()), "--steps", str(steps), "--out", out]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--config",
+        str(Path(config).resolve()),
+        "--steps",
+        str(steps),
+        "--out",
+        out,
+    ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{repo}: failed\n{proc.stderr[-4000:]}")

@@ -98,13 +98,15 @@ def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, chec
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     assert all(abs(x - T) < 1e-6 for x in lengths), f"TRL generated {lengths} tokens, not {T}"
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool) -> list[float]:
+def run_ours(
+    model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool
+) -> list[float]:
     import lightning as L
 
-    from grpo_lightning.data import GSM8KDataModule
+    from grpo_lightning.datamodule import GSM8KDataModule
     from grpo_lightning.models import ModelConfig
     from grpo_lightning.module import GRPOConfig, GRPOModule, OptimConfig
     from grpo_lightning.rollout import SamplingConfig, VLLMConfig
@@ -119,14 +121,14 @@ def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, o
 
     module = GRPOModule(
         policy=ModelConfig(name_or_path=str(model_dir), gradient_checkpointing=checkpointing),
-        grpo=GRPOConfig(num_generations=G, beta=BETA, gradient_accumulation_steps=ACCUMULATION, loss_type="grpo",
-                        max_grad_norm=0.1, log_samples_every_n_steps=0),
+        grpo=GRPOConfig(num_generations=G, beta=BETA, gradient_accumulation_steps=ACCUMULATION, loss_type="grpo"),
         sampling=SamplingConfig(temperature=TEMPERATURE, max_tokens=T, min_tokens=T),
-        optim=OptimConfig(lr=LR), engine=engine, vllm=VLLMConfig(dtype="bfloat16", max_model_len=1024),
+        optim=OptimConfig(lr=LR, max_grad_norm=0.1), engine=engine, vllm=VLLMConfig(dtype="bfloat16", max_model_len=1024),
     )  # fmt: skip
     for method, phase in [("generate", "generation"), ("score", "rewards"), ("logprobs_without_grad", "reference forward"),
-                          ("optimize", "policy fwd+bwd+optimizer"), ("sync_weights", "weight sync")]:  # fmt: skip
+                          ("optimize", "policy fwd+bwd+optimizer")]:  # fmt: skip
         time_calls(module, method, phase)
+    time_calls(module.rollout, "sync", "weight sync")
     data = GSM8KDataModule(source="synthetic", synthetic_size=B * (steps + 1), batch_size=B, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=steps + 1, logger=False, enable_checkpointing=False,
@@ -135,7 +137,7 @@ def run_ours(model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, o
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     assert all(abs(x - T) < 1e-6 for x in lengths), f"ours generated {lengths} tokens, not {T}"
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 def child(args: argparse.Namespace) -> None:
@@ -151,13 +153,26 @@ def child(args: argparse.Namespace) -> None:
             seconds = run_ours(Path(args.model_dir), args.side, B, G, T, args.steps, out, args.gradient_checkpointing)
     # phases per timed step: drop the warm-up step's share (the first call of each phase)
     phases = {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in PHASES.items()}
-    print(json.dumps({"seconds": seconds, "tokens_per_step": B * G * T, "peak_rss_mib": peak_rss_mib(), "phases": phases}))
+    print(
+        json.dumps({"seconds": seconds, "tokens_per_step": B * G * T, "peak_rss_mib": peak_rss_mib(), "phases": phases})
+    )
 
 
 def run_child(side: str, size: str, model_dir: Path, steps: int, checkpointing: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "WANDB_MODE": "disabled"}  # fmt: skip
-    cmd = [sys.executable, __file__, "--child", side, "--size", size, "--model-dir", str(model_dir), "--steps", str(steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--size",
+        size,
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(steps),
+    ]
     cmd += [] if checkpointing else ["--no-gradient-checkpointing"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -198,7 +213,9 @@ def main() -> None:
                     results[side]["seconds"] += r["seconds"]
                     results[side]["rss"].append(r["peak_rss_mib"])
                     results[side]["phases"].append(r["phases"])
-                    print(f"  {size} round {round_} {side:5s} steps {[round(s, 2) for s in r['seconds']]} s", flush=True)
+                    print(
+                        f"  {size} round {round_} {side:5s} steps {[round(s, 2) for s in r['seconds']]} s", flush=True
+                    )
             print(f"{size}: B={B} G={G} T={T} ({B * G * T} generated tokens per step), model {model_kwargs}")
             med = {s: statistics.median(results[s]["seconds"]) for s in sides}
             rss = {s: statistics.median(results[s]["rss"]) for s in sides}

@@ -187,7 +187,9 @@ class _HeadLogprobs(torch.autograd.Function):
             w = weight.to(ctx.dtype)
             for rows in _chunks(tokens.numel(), ctx.chunk_size):
                 h = hidden[rows].to(ctx.dtype)
-                grad_logits = _logits_grad(_scaled_logits(h, w, ctx.temperature), tokens[rows], grad_out[rows], ctx.temperature, ctx.dtype)
+                grad_logits = _logits_grad(
+                    _scaled_logits(h, w, ctx.temperature), tokens[rows], grad_out[rows], ctx.temperature, ctx.dtype
+                )
                 if grad_hidden is not None:
                     grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
                 if grad_weight is not None:

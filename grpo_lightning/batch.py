@@ -38,7 +38,9 @@ class SequenceBatch:
         return len(self.group_rows) < len(self.input_ids) and self.input_ids.shape[1] > self.completion_width
 
 
-def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
+def pack_sequences(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> SequenceBatch:
     """Pad ``n`` (prompt, completion) pairs; ``prompts[i]`` belongs to ``completions[i]``."""
     if len(prompts) != len(completions):
         raise ValueError(f"pack_sequences: {len(prompts)} prompts for {len(completions)} completions")
@@ -47,7 +49,7 @@ def pack_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
     t_width = max(1, max((len(c) for c in completions), default=0))  # ≥ 1 so empty completions still pack
     ids = torch.full((n, p_width + t_width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, p_width + t_width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=False)):
         start = p_width - len(prompt)
         ids[row, start:p_width] = torch.as_tensor(list(prompt), dtype=torch.long)
         ids[row, p_width : p_width + len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
@@ -76,3 +78,12 @@ def pad_rows(rows: Sequence[Sequence[float]], width: int, value: float = 0.0) ->
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(list(row)[:width], dtype=torch.float32)
     return out
+
+
+def completion_mask(completions: Sequence[Sequence[int]], drop: Sequence[bool] | None = None) -> torch.Tensor:  # [N, T]
+    """1 at each completion token, 0 at padding and in every row flagged in ``drop`` (e.g. truncated completions)."""
+    lengths = torch.tensor([len(c) for c in completions])
+    mask = (torch.arange(max(1, int(lengths.max())))[None, :] < lengths[:, None]).float()
+    if drop is not None:
+        mask = mask * (~torch.tensor(list(drop), dtype=torch.bool))[:, None].float()
+    return mask

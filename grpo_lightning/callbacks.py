@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from grpo_lightning.config import plain
+from grpo_lightning.distributed import all_processes, rng_state, set_rng_state
 from grpo_lightning.export import (
     OutputExistsError,
     append_jsonl,
@@ -30,6 +34,9 @@ from grpo_lightning.export import (
     remove_stale_temporaries,
     zip_folder,
 )
+from grpo_lightning.metrics import sample_rows
+from grpo_lightning.models import whole_model
+from grpo_lightning.preflight import preflight, sample_problems
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -197,11 +204,16 @@ class HFExport(L.Callback):
 
     def export(self, trainer: L.Trainer, pl_module: Any, out_dir: Path) -> Path:
         """Called on every process (sharded weights are gathered collectively); rank 0 writes."""
-        policy = pl_module.exportable_policy()
+        # FSDP2: every process gathers its shards (a collective), rank 0 builds the whole model
+        policy = (
+            whole_model(pl_module.policy, pl_module.lora, keep=trainer.is_global_zero)
+            if pl_module.sharded
+            else pl_module.policy
+        )
         if trainer.is_global_zero:
             export_policy(
                 policy, pl_module.tokenizer, out_dir,
-                record=pl_module.training_record(), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
+                record=training_record(trainer, pl_module), evaluation=self.validation_results(trainer), repo_id=self.push_to_hub,
                 adapter_only=self.adapter_only, overwrite=self.overwrite,
             )  # fmt: skip
             rank_zero_info(f"HF export written to {out_dir}")
@@ -209,7 +221,9 @@ class HFExport(L.Callback):
 
     @staticmethod
     def validation_results(trainer: L.Trainer) -> dict[str, Any] | None:
-        metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {
+            k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+        }
         if not metrics:
             return None
         data = getattr(trainer.datamodule, "hparams", {})
@@ -237,28 +251,33 @@ class SampleTable(L.Callback):
     Weights & Biases gets a table; other loggers get ``samples.jsonl`` in their log directory.
     """
 
-    def __init__(self, console: bool = True, max_chars: int = 300) -> None:
+    def __init__(
+        self, every_n_steps: int = 10, per_prompt: int = 2, console: bool = True, max_chars: int = 300
+    ) -> None:
         """
         Args:
+            every_n_steps: Show the samples of every N-th step (0: never).
+            per_prompt: Completions shown per prompt.
             console: Also print the samples.
             max_chars: Completions longer than this are shortened on the console.
         """
-        self.console = console
-        self.max_chars = max_chars
-        self._seen_step = -1
+        self.every_n_steps, self.per_prompt = every_n_steps, per_prompt
+        self.console, self.max_chars = console, max_chars
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        rows = getattr(pl_module, "last_samples", [])
-        if not rows or rows[0]["step"] == self._seen_step:
+        record = getattr(pl_module, "last_step", None)
+        if not self.every_n_steps or record is None or record.step % self.every_n_steps:
             return
-        self._seen_step = rows[0]["step"]
+        rows = sample_rows(record, self.per_prompt)
         if self.console:
             rank_zero_info(self.format(rows))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 columns = list(rows[0])
-                logger.log_table("samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=trainer.global_step)
+                logger.log_table(
+                    "samples", columns=columns, data=[[r[c] for c in columns] for r in rows], step=trainer.global_step
+                )
             elif logger.log_dir:
                 for row in rows:
                     append_jsonl(Path(logger.log_dir) / "samples.jsonl", row)
@@ -266,7 +285,9 @@ class SampleTable(L.Callback):
     def format(self, rows: list[dict[str, Any]]) -> str:
         lines = [f"── samples at step {rows[0]['step']} " + "─" * 40]
         for r in rows:
-            text = r["completion"] if len(r["completion"]) <= self.max_chars else r["completion"][: self.max_chars] + " …"
+            text = (
+                r["completion"] if len(r["completion"]) <= self.max_chars else r["completion"][: self.max_chars] + " …"
+            )
             lines += [
                 f"Q: {r['question']}",
                 f"expected: {r['expected']}  extracted: {r['extracted']!r}  reward: {r['reward']:.3f}",
@@ -274,6 +295,70 @@ class SampleTable(L.Callback):
                 "",
             ]
         return "\n".join(lines)
+
+
+def training_record(trainer: L.Trainer | None, module: Any) -> dict[str, Any]:
+    """How ``module``'s policy was trained, as plain data: base model, data, command, settings, rewards."""
+    data = plain(getattr(trainer.datamodule if trainer else None, "hparams", {}))
+    return {
+        "base_model": module.policy_config.name_or_path,
+        "dataset": data.get("source"),
+        "command": module.launch_command or shlex.join(["python", *sys.argv]),
+        "global_step": module.global_step,
+        "reward_funcs": list(module.rewards.funcs),
+        "hyperparameters": {"model": plain(module.hparams), "data": data,
+                            "precision": str(trainer.precision) if trainer else None},
+    }  # fmt: skip
+
+
+class ResumeState(L.Callback):
+    """What a checkpoint holds besides weights and optimizer, so that a resumed run continues exactly: each process's
+    random state (restored before the next rollout), the policy's architecture and how it was trained (for
+    ``grpo export``). The reference model is the initial policy: reloaded, never stored. ``GRPOModule`` installs it.
+    """
+
+    def __init__(self) -> None:
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+        checkpoint["hf_config"] = pl_module.policy.config.to_dict()
+        checkpoint["grpo_lightning"] = training_record(trainer, pl_module)
+        checkpoint["rng_state"] = all_processes(rng_state())  # one per process
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_state")
+        states = [states] if isinstance(states, dict) else states or []
+        rank = trainer.global_rank
+        self._rng_to_restore = states[rank] if rank < len(states) else None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # resumed: sample exactly as the uninterrupted run would have
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+
+class RewardPreflight(L.Callback):
+    """Before the first step, the reward-signal preflight (:mod:`grpo_lightning.preflight`) on the run's own prompts,
+    engine and rewards: the table goes to the log and ``preflight.txt``; too little signal warns or raises
+    (``model.rewards.preflight``). ``GRPOModule`` installs it unless the preflight is off."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_step:
+            return  # resumed: it ran before the first step
+        pl_module.start_rollout()
+        data, cfg = trainer.datamodule, pl_module.rewards
+        problems = sample_problems(data.problems, cfg.preflight_prompts, data.hparams.get("seed", 0))
+        with torch.random.fork_rng(devices=[]):  # training samples exactly as it would without the preflight
+            report = preflight(pl_module.rollout.engine, pl_module.tokenizer, problems, pl_module.score,
+                               num_generations=pl_module.grpo.num_generations, sampling=pl_module.sampling,
+                               style=pl_module.prompt, max_prompt_length=pl_module.prompt.max_prompt_length)  # fmt: skip
+        log_dir = trainer.log_dir if trainer.loggers else None  # a collective under DDP: every process asks
+        if trainer.is_global_zero:
+            rank_zero_info(report.table())
+            report.enforce(cfg.preflight_min_signal, cfg.preflight, log_dir)
 
 
 class StepProgressBar(RichProgressBar):

@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from grpo_lightning.data import GSM8KDataModule
+from grpo_lightning.datamodule import GSM8KDataModule
 from grpo_lightning.hardware import resolve_precision
 from grpo_lightning.module import GRPOModule
 
@@ -86,7 +86,9 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     wandb_offline_without_credentials()
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     command = sys.argv[1:] if args is None else args
-    return GRPOCLI(GRPOModule, GSM8KDataModule, args=args, run=run, save_config_kwargs={"overwrite": True}, command=command)
+    return GRPOCLI(
+        GRPOModule, GSM8KDataModule, args=args, run=run, save_config_kwargs={"overwrite": True}, command=command
+    )
 
 
 DEBUG_FLAG = "GRPO_DEBUG"
@@ -110,6 +112,7 @@ def train(args: list[str] | None = None, prog: str = "train.py") -> int:
 
 # ------------------------------------------------------------------------------------------------- grpo
 # `grpo evaluate | infer | export` (and `grpo train …`, the same as `python train.py …`).
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what to change (data, paths, settings, the Hub): one line, not a traceback."""
@@ -146,22 +149,50 @@ def _parser() -> argparse.ArgumentParser:
                                      "Training: `grpo train fit --config configs/<recipe>.yaml` (= python train.py …).")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,preflight,evaluate,infer,export}")
 
-    commands.add_parser("train", help="train with GRPO: `grpo train fit --config …` is `python train.py fit --config …`")
-    pre = commands.add_parser("preflight", help="before training: do a recipe's rollouts carry reward differences to learn from?",
-                              epilog="Other options are recipe fields, as for train.py: --model.sampling.temperature=1.0")
-    pre.add_argument("--config", required=True, action="append", help="training recipe (YAML), as for train.py; repeat to layer files")
-    pre.add_argument("--prompts", type=int, default=8, help="training prompts to sample, G completions each (default: 8)")
-    pre.add_argument("--min-signal", type=float, default=0.25, help="least share of groups with reward differences (default: 0.25)")
-    pre.add_argument("--engine", choices=("recipe", "hf", "vllm"), default="recipe", help="rollout engine (default: the recipe's)")
+    commands.add_parser(
+        "train", help="train with GRPO: `grpo train fit --config …` is `python train.py fit --config …`"
+    )
+    pre = commands.add_parser(
+        "preflight",
+        help="before training: do a recipe's rollouts carry reward differences to learn from?",
+        epilog="Other options are recipe fields, as for train.py: --model.sampling.temperature=1.0",
+    )
+    pre.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="training recipe (YAML), as for train.py; repeat to layer files",
+    )
+    pre.add_argument(
+        "--prompts", type=int, default=8, help="training prompts to sample, G completions each (default: 8)"
+    )
+    pre.add_argument(
+        "--min-signal", type=float, default=0.25, help="least share of groups with reward differences (default: 0.25)"
+    )
+    pre.add_argument(
+        "--engine", choices=("recipe", "hf", "vllm"), default="recipe", help="rollout engine (default: the recipe's)"
+    )
     pre.set_defaults(run=_preflight)
 
     ev = commands.add_parser("evaluate", help="GSM8K accuracy and format rates of a model (greedy decoding)")
     _model_arguments(ev)
-    ev.add_argument("--data", default="openai/gsm8k", help="Hub dataset, .jsonl/.parquet file or 'synthetic' (default: openai/gsm8k)")
+    ev.add_argument(
+        "--data",
+        default="openai/gsm8k",
+        help="Hub dataset, .jsonl/.parquet file or 'synthetic' (default: openai/gsm8k)",
+    )
     ev.add_argument("--split", default="test", help="split of a Hub dataset (default: test)")
-    ev.add_argument("--synthetic-seed", type=int, default=1, help="seed of --data synthetic (default: 1; training's default is 0)")
-    ev.add_argument("--synthetic-operations", type=int, default=1, choices=(1, 2), help="synthetic problems: 1 operation, or 1-2")
-    ev.add_argument("--held-out-from", metavar="CONFIG", help="drop problems whose question is among this recipe's training problems")
+    ev.add_argument(
+        "--synthetic-seed", type=int, default=1, help="seed of --data synthetic (default: 1; training's default is 0)"
+    )
+    ev.add_argument(
+        "--synthetic-operations", type=int, default=1, choices=(1, 2), help="synthetic problems: 1 operation, or 1-2"
+    )
+    ev.add_argument(
+        "--held-out-from",
+        metavar="CONFIG",
+        help="drop problems whose question is among this recipe's training problems",
+    )
     ev.add_argument("--limit", type=_count, help="evaluate the first N problems only (default: all 1,319 of GSM8K)")
     ev.add_argument("--out", help="folder for problems.jsonl and summary.json (default: runs/eval/<model>)")
     ev.add_argument("--batch-size", type=_count, default=64, help="prompts per generate call (default: 64)")
@@ -172,9 +203,13 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(inf)
     inf.add_argument("question", nargs="*", help="question(s) to answer; none and no --input: interactive")
     inf.add_argument("--input", help="text file with one question per line")
-    inf.add_argument("--output", default="inference.jsonl", help="JSONL file the answers are appended to (default: inference.jsonl)")
+    inf.add_argument(
+        "--output", default="inference.jsonl", help="JSONL file the answers are appended to (default: inference.jsonl)"
+    )
     inf.add_argument("--num-samples", type=_count, default=1, help="answers per question (> 1 needs --temperature > 0)")
-    inf.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); the training recipe samples at 0.9")
+    inf.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default); the training recipe samples at 0.9"
+    )
     inf.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
     inf.add_argument("--max-tokens", type=_count, default=200, help="longest completion (default: 200)")
     inf.set_defaults(run=_infer)
@@ -184,10 +219,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", help="folder to write (needed for a .ckpt)")
     ex.add_argument("--base", help="base model folder/name for the tokenizer, when the run's has moved")
     ex.add_argument("--eval-summary", help="summary.json of `grpo evaluate`, shown in the model card")
-    ex.add_argument("--adapter-only", action="store_true", help="LoRA runs: write the adapter alone (default: merged into the model)")
+    ex.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA runs: write the adapter alone (default: merged into the model)",
+    )
     ex.add_argument("--overwrite", action="store_true", help="replace --out even if it holds files we did not write")
     ex.add_argument("--zip", action="store_true", help="also write <out>.zip")
-    ex.add_argument("--push-to-hub", metavar="USER/REPO", help="upload to this Hub repository (token: HF_TOKEN or `hf auth login`)")
+    ex.add_argument(
+        "--push-to-hub", metavar="USER/REPO", help="upload to this Hub repository (token: HF_TOKEN or `hf auth login`)"
+    )
     ex.add_argument("--private", action="store_true", help="create the Hub repository as private")
     ex.set_defaults(run=_export)
     return parser
@@ -207,37 +248,48 @@ def _count(text: str) -> int:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hub name, HF folder, or a grpo-lightning .ckpt")
     parser.add_argument("--gguf-file", help="GGUF file inside --model's folder, loaded dequantised")
-    parser.add_argument("--base", help="for a .ckpt: base model folder/name for the tokenizer, when the run's has moved")
+    parser.add_argument(
+        "--base", help="for a .ckpt: base model folder/name for the tokenizer, when the run's has moved"
+    )
     parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                         help="auto (default): vLLM on a GPU when installed, else transformers (on a CPU "
                              "transformers is faster to start and far lighter for jobs of this size)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="show the engine's own log lines (vLLM's are hidden)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (default: 0.85)")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.85, help="vLLM's share of GPU memory (default: 0.85)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint to run")
     parser.add_argument("--system-prompt", help="system turn (default: the notebook's, as in training)")
-    parser.add_argument("--user-template", default="{question}", help="user turn, {question} replaced (default: the question)")
-    parser.add_argument("--prompt-from", metavar="CONFIG", help="take system prompt and user template from a training recipe")
+    parser.add_argument(
+        "--user-template", default="{question}", help="user turn, {question} replaced (default: the question)"
+    )
+    parser.add_argument(
+        "--prompt-from", metavar="CONFIG", help="take system prompt and user template from a training recipe"
+    )
 
 
 def _style(args: argparse.Namespace):
-    from grpo_lightning.data import PromptStyle
+    from grpo_lightning.config import PromptConfig
     from grpo_lightning.rewards import SYSTEM_PROMPT
 
-    style = PromptStyle(args.system_prompt if args.system_prompt is not None else SYSTEM_PROMPT, args.user_template)
+    style = PromptConfig(args.system_prompt if args.system_prompt is not None else SYSTEM_PROMPT, args.user_template)
     if args.prompt_from:
         import yaml
 
-        grpo_cfg = (yaml.safe_load(Path(args.prompt_from).read_text(encoding="utf-8")) or {}).get("model", {}).get("grpo", {})
-        style = PromptStyle(grpo_cfg.get("system_prompt", style.system_prompt), grpo_cfg.get("user_template", style.user_template))
+        recipe = yaml.safe_load(Path(args.prompt_from).read_text(encoding="utf-8")) or {}
+        prompt = recipe.get("model", {}).get("prompt", {})
+        style = PromptConfig(
+            prompt.get("system_prompt", style.system_prompt), prompt.get("user_template", style.user_template)
+        )
     return style
 
 
 def _open(args: argparse.Namespace):
+    import torch
+
     from grpo_lightning.models import load_model
     from grpo_lightning.rollout import VLLMConfig, open_engine
-
-    import torch
 
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, gguf_file=args.gguf_file, base=args.base, trust_remote_code=args.trust_remote_code)
@@ -262,16 +314,21 @@ def _preflight(args: argparse.Namespace) -> int:
     policy = module.policy_config
     check_loadable(policy)  # resolves pkg: names and builds the tiny demo model when asked
     loaded = load_model(policy.name_or_path, gguf_file=policy.gguf_file, trust_remote_code=policy.trust_remote_code)
-    engine = open_engine(loaded, module.engine_kind if args.engine == "recipe" else args.engine, vllm=module.vllm_config)
+    engine = open_engine(
+        loaded, module.rollout.kind if args.engine == "recipe" else args.engine, vllm=module.rollout.vllm
+    )
     report = preflight(
         engine, loaded.tokenizer, sample_problems(data.problems, args.prompts, data.hparams.seed), module.score,
-        num_generations=module.grpo.num_generations, sampling=module.sampling, style=module.prompt_style,
-        max_prompt_length=module.grpo.max_prompt_length,
+        num_generations=module.grpo.num_generations, sampling=module.sampling, style=module.prompt,
+        max_prompt_length=module.prompt.max_prompt_length,
     )  # fmt: skip
     print(report.table())
     advice = report.advice(args.min_signal)
     if advice:
-        print(f"only {report.signal_share:.0%} of groups carry signal (want ≥ {args.min_signal:.0%}); try:", file=sys.stderr)
+        print(
+            f"only {report.signal_share:.0%} of groups carry signal (want ≥ {args.min_signal:.0%}); try:",
+            file=sys.stderr,
+        )
         print("\n".join(f"  - {tip}" for tip in advice), file=sys.stderr)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""GSM8K problems, prompts and the DataModule that serves them.
+"""GSM8K problems and prompts, without Lightning (:mod:`grpo_lightning.datamodule` serves them to the Trainer).
 
 A row is ``{"question": str, "answer": str}`` where the answer ends with ``#### <number>`` (GSM8K's
 format). Rows come from the Hub (``openai/gsm8k``, config ``main``), a local JSONL/Parquet file with the
@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from grpo_lightning.rewards import SYSTEM_PROMPT, extract_hash_answer
+from grpo_lightning.config import OnLongPrompt, PromptConfig
+from grpo_lightning.rewards import extract_hash_answer
 
 OnBadRow = Literal["skip", "raise"]
-OnLongPrompt = Literal["truncate", "raise"]
 SYNTHETIC = "synthetic"
 HUB_OFFLINE_HELP = (
     "The Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1 is set). Pass a local path instead "
@@ -120,7 +119,9 @@ def _load_local(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def to_problems(rows: Iterable[dict[str, Any]], *, on_bad_row: OnBadRow = "skip", source: str = "data") -> list[Problem]:
+def to_problems(
+    rows: Iterable[dict[str, Any]], *, on_bad_row: OnBadRow = "skip", source: str = "data"
+) -> list[Problem]:
     """Keep rows with a non-empty question and a ``####`` answer; report the others by row index.
 
     ``on_bad_row="skip"`` warns once with every bad row's index; ``"raise"`` stops at the first one.
@@ -167,7 +168,11 @@ def synthetic_rows(n: int, seed: int = 0, max_value: int = 20, operations: int =
         a, b = rng.randint(1, max_value), rng.randint(1, max_value)
         kind = rng.randrange(3 * operations)
         if kind == 0:
-            q, steps, ans = f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?", f"{a}+{b}", a + b
+            q, steps, ans = (
+                f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?",
+                f"{a}+{b}",
+                a + b,
+            )
         elif kind == 1:
             a, b = max(a, b), min(a, b)
             q, steps, ans = f"{name} had {a} {item} and gave away {b}. How many {item} are left?", f"{a}-{b}", a - b
@@ -189,16 +194,7 @@ def synthetic_rows(n: int, seed: int = 0, max_value: int = 20, operations: int =
     return rows
 
 
-@dataclass(frozen=True)
-class PromptStyle:
-    """How a question becomes a conversation (the notebook's: its system prompt, the bare question)."""
-
-    system_prompt: str = SYSTEM_PROMPT
-    user_template: str = "{question}"
-    """The user turn; ``{question}`` is replaced by the question (small models follow instructions here better)."""
-
-
-def prompt_messages(question: str, style: PromptStyle = PromptStyle()) -> list[dict[str, str]]:  # noqa: B008
+def prompt_messages(question: str, style: PromptConfig = PromptConfig()) -> list[dict[str, str]]:  # noqa: B008
     """The conversation a question becomes: the system prompt, then the question as the user turn."""
     user = style.user_template.replace("{question}", question)
     return [{"role": "system", "content": style.system_prompt}, {"role": "user", "content": user}]
@@ -208,7 +204,7 @@ def encode_prompt(
     tokenizer: Any,
     question: str,
     *,
-    style: PromptStyle = PromptStyle(),  # noqa: B008
+    style: PromptConfig = PromptConfig(),  # noqa: B008
     max_prompt_length: int | None = None,
     on_long_prompt: OnLongPrompt = "truncate",
 ) -> list[int]:
@@ -283,112 +279,3 @@ def collate_problems(problems: list[Problem]) -> dict[str, list]:
         "answer": [p.answer for p in problems],
         "index": [p.index for p in problems],
     }
-
-
-class GSM8KDataModule(L.LightningDataModule):
-    """GSM8K (or synthetic) problems: ``batch_size`` prompts per training step, shuffled with a seed, and
-    held-out problems for validation during ``fit`` and for ``validate``/``test``."""
-
-    def __init__(
-        self,
-        source: str = "openai/gsm8k",
-        split: str = "train",
-        batch_size: int = 4,
-        limit: int | None = None,
-        synthetic_size: int = 512,
-        synthetic_operations: int = 1,
-        seed: int = 0,
-        on_bad_row: OnBadRow = "skip",
-        shuffle: bool = True,
-        num_workers: int = 0,
-        eval_source: str | None = None,
-        eval_split: str = "test",
-        val_size: int = 0,
-        test_size: int | None = None,
-        eval_batch_size: int = 64,
-    ) -> None:
-        """
-        Args:
-            source: Hub dataset name, local .jsonl/.parquet file or a folder of them per split, or "synthetic".
-            split: Split to read from a Hub dataset ("train" or "test").
-            batch_size: Prompts per training step and process (B); each gets G completions. Global batch: B × processes.
-            limit: Use only the first `limit` problems (None: all).
-            synthetic_size: Number of generated problems when source is "synthetic".
-            synthetic_operations: Synthetic problems need 1 arithmetic operation, or (2) one or two.
-            seed: Seed of the shuffling order (and of synthetic problems).
-            on_bad_row: Rows without a question or '####' answer are skipped with a warning, or raise.
-            shuffle: Shuffle the problems each epoch.
-            num_workers: DataLoader worker processes.
-            eval_source: Problems for validation and test: Hub name (read at eval_split), file or "synthetic" (None: unseen synthetic problems for a synthetic source, else the last val_size problems of source, removed from training).
-            eval_split: Split of a Hub eval_source.
-            val_size: Problems evaluated at each validation during fit (0: no validation); the interval is trainer.val_check_interval.
-            test_size: Problems evaluated by `test` (None: all of eval_source).
-            eval_batch_size: Prompts per generate call during validation and test.
-        """
-        super().__init__()
-        # Resuming mid-epoch is handled by ResumableSampler; Lightning's generic warning does not apply.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be ≥ 1, got {batch_size}")
-        if val_size < 0 or eval_batch_size < 1:
-            raise ValueError(f"data.val_size must be ≥ 0 and data.eval_batch_size ≥ 1, got {val_size}/{eval_batch_size}")
-        self.save_hyperparameters()
-        self.problems: list[Problem] = []
-        self.eval_problems: list[Problem] = []
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.problems:
-            return
-        hp = self.hparams
-        problems = self._load(hp.source, hp.split, hp.synthetic_size, hp.seed)
-        problems = problems[: hp.limit] if hp.limit else problems
-        if hp.eval_source is not None:
-            self.eval_problems = self._load(hp.eval_source, hp.eval_split, max(hp.val_size, hp.test_size or 0, 1), hp.seed + 1)
-        elif hp.source == SYNTHETIC:
-            self.eval_problems = self._unseen_synthetic(problems, max(hp.val_size, hp.test_size or 0))
-        elif hp.val_size:
-            if hp.val_size >= len(problems):
-                raise DataError(f"data.val_size={hp.val_size} leaves no training problems out of {len(problems)}")
-            problems, self.eval_problems = problems[: -hp.val_size], problems[-hp.val_size :]
-        self.problems = problems
-
-    def _load(self, source: str, split: str, synthetic_size: int, seed: int) -> list[Problem]:
-        if source == SYNTHETIC:
-            rows = synthetic_rows(synthetic_size, seed=seed, operations=self.hparams.synthetic_operations)
-        else:
-            rows = load_rows(source, split)
-        return to_problems(rows, on_bad_row=self.hparams.on_bad_row, source=source)
-
-    def _unseen_synthetic(self, train: list[Problem], n: int) -> list[Problem]:
-        seen = {p.question for p in train}
-        fresh = [p for p in self._load(SYNTHETIC, "", 4 * n + 16, self.hparams.seed + 1) if p.question not in seen]
-        return fresh[:n]
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(len(self.problems), self.hparams.seed, self.hparams.shuffle, world, rank)
-        if trainer is not None:  # after a restart: skip the batches this epoch already trained on
-            trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            sampler.resume_at(trainer.current_epoch, trained * self.hparams.batch_size * world)
-        return DataLoader(
-            ProblemDataset(self.problems),
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.hparams.seed),  # workers' seeds never touch the global RNG
-            collate_fn=collate_problems,
-            num_workers=self.hparams.num_workers,
-            drop_last=True,
-        )
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._eval_loader(self.hparams.val_size) if self.hparams.val_size else []
-
-    def test_dataloader(self) -> DataLoader:
-        if not self.eval_problems:
-            raise DataError("`test` needs problems: set data.eval_source (e.g. openai/gsm8k or a test .jsonl) or data.val_size")
-        return self._eval_loader(self.hparams.test_size)
-
-    def _eval_loader(self, size: int | None) -> DataLoader:
-        problems = self.eval_problems[:size] if size else self.eval_problems
-        return DataLoader(ProblemDataset(problems), batch_size=self.hparams.eval_batch_size, collate_fn=collate_problems)

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo_lightning.data import Problem, PromptStyle, encode_prompt
+from grpo_lightning.config import PromptConfig
+from grpo_lightning.data import Problem, encode_prompt
 from grpo_lightning.export import write_json, write_jsonl
 from grpo_lightning.rewards import (
     answers_match,
@@ -31,8 +32,17 @@ from grpo_lightning.rewards import (
 )
 from grpo_lightning.rollout import RolloutEngine, SamplingConfig
 
-METRICS = ("strict_accuracy", "lenient_accuracy", "strict_format_rate", "soft_format_rate", "completion_length",
-           "reasoning_length", "reasoning_copied_rate")  # fmt: skip
+PROBLEM_METRICS = {  # metric → the per-problem value of a graded record it averages; one name everywhere
+    "strict_accuracy": "strict_correct", "lenient_accuracy": "lenient_correct", "strict_format_rate": "strict_format",
+    "soft_format_rate": "soft_format", "completion_length": "completion_tokens", "reasoning_length": "reasoning_tokens",
+    "reasoning_copied_rate": "reasoning_copied",
+}  # fmt: skip
+"""What ``grpo evaluate`` summarises and validation logs (``val/strict_accuracy``, …), from the same records."""
+
+
+def problem_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """One graded record's value of each metric in :data:`PROBLEM_METRICS`."""
+    return {name: float(record[field]) for name, field in PROBLEM_METRICS.items()}
 
 
 @dataclass
@@ -77,17 +87,9 @@ def reasoning_text(completion: str) -> str | None:
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each grade over per-problem records (as :func:`evaluate` returns them)."""
-    n = max(1, len(records))
-    return {
-        "strict_accuracy": sum(r["strict_correct"] for r in records) / n,
-        "lenient_accuracy": sum(r["lenient_correct"] for r in records) / n,
-        "strict_format_rate": sum(r["strict_format"] for r in records) / n,
-        "soft_format_rate": sum(r["soft_format"] for r in records) / n,
-        "completion_length": sum(r["completion_tokens"] for r in records) / n,
-        "reasoning_length": sum(r.get("reasoning_tokens", 0) for r in records) / n,
-        "reasoning_copied_rate": sum(r.get("reasoning_copied", False) for r in records) / n,
-    }
+    """Mean of each metric over per-problem records (as :func:`evaluate` returns them)."""
+    values = [problem_metrics(r) for r in records]
+    return {name: sum(v[name] for v in values) / max(1, len(values)) for name in PROBLEM_METRICS}
 
 
 def evaluate(
@@ -98,7 +100,7 @@ def evaluate(
     max_tokens: int = 200,
     batch_size: int = 64,
     max_prompt_length: int | None = None,
-    style: PromptStyle = PromptStyle(),  # noqa: B008
+    style: PromptConfig = PromptConfig(),  # noqa: B008
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy completions for ``problems`` in batches, one graded record per problem."""
@@ -110,9 +112,13 @@ def evaluate(
     with tqdm(total=len(problems), desc="evaluating", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), batch_size):
             batch = problems[start : start + batch_size]
-            prompts = [encode_prompt(tokenizer, p.question, style=style, max_prompt_length=max_prompt_length) for p in batch]
+            prompts = [
+                encode_prompt(tokenizer, p.question, style=style, max_prompt_length=max_prompt_length) for p in batch
+            ]
             rollout = engine.generate(prompts, n=1, sampling=sampling)
-            for problem, text, ids, cut in zip(batch, rollout.texts, rollout.completion_ids, rollout.truncated):
+            for problem, text, ids, cut in zip(
+                batch, rollout.texts, rollout.completion_ids, rollout.truncated, strict=False
+            ):
                 graded = grade(text, problem.answer, instructions)
                 records.append(
                     {
@@ -122,7 +128,9 @@ def evaluate(
                         "completion": text,
                         **asdict(graded),
                         "completion_tokens": len(ids),
-                        "reasoning_tokens": len(tokenizer.encode(graded.reasoning, add_special_tokens=False)) if graded.reasoning else 0,
+                        "reasoning_tokens": len(tokenizer.encode(graded.reasoning, add_special_tokens=False))
+                        if graded.reasoning
+                        else 0,
                         "truncated": cut,
                     }
                 )
@@ -134,7 +142,12 @@ def evaluate(
 def write_results(out_dir: str | Path, records: Sequence[dict[str, Any]], **about: Any) -> dict[str, Any]:
     """``problems.jsonl`` (one record per problem) and ``summary.json`` (metrics + ``about``) in ``out_dir``."""
     out_dir = Path(out_dir)
-    summary = {**about, "num_problems": len(records), "metrics": summarize(records), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    summary = {
+        **about,
+        "num_problems": len(records),
+        "metrics": summarize(records),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_jsonl(out_dir / "problems.jsonl", records)
     write_json(out_dir / "summary.json", summary)
     return summary

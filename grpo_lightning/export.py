@@ -241,7 +241,9 @@ def check_replaceable(target: Path, overwrite: bool = False) -> None:
     if not present:
         return
     marker = _read_json(target / EXPORT_MARKER)
-    ours = set(marker.get("files", [])) | {EXPORT_MARKER, EVAL_SUMMARY, "README.md"} if isinstance(marker, dict) else set()
+    ours = (
+        set(marker.get("files", [])) | {EXPORT_MARKER, EVAL_SUMMARY, "README.md"} if isinstance(marker, dict) else set()
+    )
     foreign = sorted(present - ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -316,15 +318,26 @@ def model_card(record: Mapping[str, Any], evaluation: Mapping[str, Any] | None =
         lines += ["## Hyperparameters", "", "```json", settings, "```", ""]
     if evaluation:
         lines += ["## Evaluation", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in evaluation.get("metrics", evaluation).items() if not isinstance(v, dict)]
+        lines += [
+            f"| {k} | {_fmt(v)} |" for k, v in evaluation.get("metrics", evaluation).items() if not isinstance(v, dict)
+        ]
         if evaluation.get("data"):
-            lines += ["", f"On `{evaluation['data']}` ({evaluation.get('num_problems', '?')} problems), greedy decoding."]
+            lines += [
+                "",
+                f"On `{evaluation['data']}` ({evaluation.get('num_problems', '?')} problems), greedy decoding.",
+            ]
         lines.append("")
     here = repo_id or "path/to/this/folder"
     load = (
-        ["from peft import AutoPeftModelForCausalLM", f'model = AutoPeftModelForCausalLM.from_pretrained("{here}")  # base + LoRA adapter']
+        [
+            "from peft import AutoPeftModelForCausalLM",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{here}")  # base + LoRA adapter',
+        ]
         if adapter
-        else ["from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{here}")']
+        else [
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{here}")',
+        ]
     )
     lines += [
         "## Usage",
@@ -336,7 +349,7 @@ def model_card(record: Mapping[str, Any], evaluation: Mapping[str, Any] | None =
         "```",
         "",
         "The model expects the system prompt it was trained with (`grpo_lightning.rewards.SYSTEM_PROMPT`) and "
-        "its chat template; `grpo infer --model <this model> \"question\"` applies both.",
+        'its chat template; `grpo infer --model <this model> "question"` applies both.',
         "",
     ]
     return "\n".join(front) + "\n\n" + "\n".join(lines)
@@ -397,7 +410,9 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, endp
                                    ignore_patterns=[EXPORT_MARKER])  # fmt: skip
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")
-        raise HubError(f"uploading {str(folder)!r} to {repo_id!r} failed (HTTP {status}): {str(err).splitlines()[0]}") from None
+        raise HubError(
+            f"uploading {str(folder)!r} to {repo_id!r} failed (HTTP {status}): {str(err).splitlines()[0]}"
+        ) from None
     except _connection_errors() as err:  # offline mode, connection refused, DNS, timeouts
         raise HubError(
             f"cannot reach the Hub at {api.endpoint} to push {repo_id!r} ({type(err).__name__}): this machine looks "

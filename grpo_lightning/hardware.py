@@ -76,7 +76,9 @@ def resolve_precision(requested: str | int | None, accelerator: str = AUTO) -> P
     if requested in (None, AUTO):
         if native:
             return PrecisionChoice("bf16-mixed", f"precision auto → bf16-mixed: {where} computes bfloat16 natively")
-        return PrecisionChoice("32-true", f"precision auto → 32-true: {where} would emulate bfloat16, many times slower")
+        return PrecisionChoice(
+            "32-true", f"precision auto → 32-true: {where} would emulate bfloat16, many times slower"
+        )
     requested = str(requested)
     if "bf16" in requested and not on_gpu and not native:
         return PrecisionChoice(requested, slow=True, reason=(

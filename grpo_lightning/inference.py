@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from grpo_lightning.data import PromptStyle, encode_prompt
+from grpo_lightning.config import PromptConfig
+from grpo_lightning.data import encode_prompt
 from grpo_lightning.rollout import RolloutEngine, SamplingConfig
 
 _REASONING = re.compile(r"<reasoning>(.*?)(?:</reasoning>|<answer>|$)", re.DOTALL)
@@ -49,7 +50,7 @@ def answer_questions(
     model_name: str,
     sampling: SamplingConfig,
     num_samples: int = 1,
-    style: PromptStyle = PromptStyle(),  # noqa: B008
+    style: PromptConfig = PromptConfig(),  # noqa: B008
 ) -> list[dict[str, Any]]:
     """``num_samples`` answers per question as JSONL-ready rows, grouped by question."""
     check_samples(num_samples, sampling)
@@ -92,7 +93,9 @@ def read_questions(path: str | Path) -> list[str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"questions file {str(path)!r} does not exist") from None
     except IsADirectoryError:
-        raise IsADirectoryError(f"questions file {str(path)!r} is a directory; pass a text file with one question per line") from None
+        raise IsADirectoryError(
+            f"questions file {str(path)!r} is a directory; pass a text file with one question per line"
+        ) from None
     except PermissionError:
         raise PermissionError(f"questions file {str(path)!r} is not readable (permission denied)") from None
     except UnicodeDecodeError as err:

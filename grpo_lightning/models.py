@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from grpo_lightning.distributed import gathered
 
 
 @dataclass
@@ -60,7 +62,9 @@ def apply_lora(model: Any, cfg: LoRAConfig) -> Any:
     except ImportError as err:
         raise ImportError("LoRA needs peft: pip install 'grpo-lightning[lora]'") from err
     if cfg.rank < 0 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
-        raise ValueError(f"lora: need rank ≥ 0, alpha > 0 and 0 ≤ dropout < 1, got {cfg.rank}/{cfg.alpha}/{cfg.dropout}")
+        raise ValueError(
+            f"lora: need rank ≥ 0, alpha > 0 and 0 ≤ dropout < 1, got {cfg.rank}/{cfg.alpha}/{cfg.dropout}"
+        )
     peft_config = LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=cfg.dropout,
         task_type="CAUSAL_LM",
@@ -95,28 +99,6 @@ def merged_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
             yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), gathered(param)
 
 
-def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded (FSDP2 DTensor) weight gathered from all processes; a plain tensor unchanged."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def shard(model: Any, mesh: Any) -> Any:
-    """FSDP2: each transformer block, then the rest of ``model``, sharded over the processes of ``mesh``.
-
-    Every process keeps 1/W of each weight; a block's full weights exist only while it runs (forward, backward,
-    or a sync that asks for ``full_tensor()``).
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the model peft generates with
-    blocks = set(getattr(root, "_no_split_modules", None) or ())
-    for module in root.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(root, mesh=mesh)
-    return model
-
-
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says what to change."""
 
@@ -149,9 +131,9 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def check_loadable(cfg: ModelConfig) -> None:
-    """Resolve ``pkg:`` names, build the tiny model when asked, and refuse folders that hold no model."""
-    cfg.name_or_path = resolve_path(cfg.name_or_path)
+def check_loadable(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with its ``pkg:`` name resolved (a copy); builds the tiny model when asked, refuses folders without a model."""
+    cfg = replace(cfg, name_or_path=resolve_path(cfg.name_or_path))
     path = Path(cfg.name_or_path).expanduser()
     if cfg.build_tiny and not path.exists():
         from grpo_lightning.tiny import build_tiny_checkpoint
@@ -166,6 +148,7 @@ def check_loadable(cfg: ModelConfig) -> None:
         marker = cfg.gguf_file or "config.json"
         if not (path / marker).exists():
             raise ModelLoadError(f"{cfg.name_or_path!r} is not a model folder: it has no {marker}")
+    return cfg
 
 
 def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
@@ -186,7 +169,7 @@ def _hub_error(cfg: ModelConfig, err: Exception) -> ModelLoadError:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    check_loadable(cfg)
+    cfg = check_loadable(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code
@@ -204,7 +187,7 @@ def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
     """The model in train mode (``from_pretrained`` returns eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    check_loadable(cfg)
+    cfg = check_loadable(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, gguf_file=cfg.gguf_file, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -234,31 +217,6 @@ def _plain_copy(model: Any, dtype: torch.dtype) -> Any:
     return plain
 
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def plain_output_head(model: Any) -> torch.Tensor | None:
-    """The ``[V, H]`` weight when logits are exactly ``decoder(x) @ weight.T`` (Qwen, Llama, …); else None.
-
-    Models that add a bias, scale or soft-cap their logits need the model's own head (fused log-probs off).
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or decoder is model:
-        return None
-    if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return head.weight
-
-
-def has_plain_attention(model: Any) -> bool:
-    """True for decoders whose every layer is plain causal attention over a key/value cache (Qwen2, Llama, …): a
-    prompt's keys/values can then be computed once and shared by every sequence that continues it."""
-    config = getattr(model, "config", None)
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    return hasattr(config, "num_hidden_layers") and set(layer_types) == {"full_attention"}
-
-
 POLICY_PREFIX = "policy."
 """Where the trained model's weights live in a GRPOModule checkpoint's ``state_dict``."""
 
@@ -277,7 +235,9 @@ class LoadedModel:
     """How a checkpoint's policy was trained (base model, data, command, settings); empty otherwise."""
 
 
-def load_model(name: str, *, gguf_file: str | None = None, base: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name: str, *, gguf_file: str | None = None, base: str | None = None, trust_remote_code: bool = False
+) -> LoadedModel:
     """A Hub name, an HF folder, a GGUF file inside a folder, or a ``.ckpt`` of this project, for generation."""
     if name.endswith(".ckpt"):
         return load_checkpoint_policy(name, base=base, trust_remote_code=trust_remote_code)
@@ -308,11 +268,15 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelLoadError(f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(
+            f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})"
+        ) from err
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     weights = {k.removeprefix(POLICY_PREFIX): v for k, v in state.items() if k.startswith(POLICY_PREFIX)}
     if not weights:
-        raise ModelLoadError(f"{str(path)!r} holds no policy weights (no '{POLICY_PREFIX}*' keys): not a grpo-lightning checkpoint")
+        raise ModelLoadError(
+            f"{str(path)!r} holds no policy weights (no '{POLICY_PREFIX}*' keys): not a grpo-lightning checkpoint"
+        )
     hyper = checkpoint.get("hyper_parameters", {})
     cfg = _dataclass_from(ModelConfig, hyper.get("policy"))
     lora = _dataclass_from(LoRAConfig, hyper.get("lora"))
@@ -320,7 +284,9 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     cfg.trust_remote_code = trust_remote_code
     tokenizer = load_tokenizer(cfg)
     try:
-        model = model_with_weights(_architecture(cfg, checkpoint.get("hf_config")), weights, lora, cfg.trust_remote_code)
+        model = model_with_weights(
+            _architecture(cfg, checkpoint.get("hf_config")), weights, lora, cfg.trust_remote_code
+        )
     except ModelLoadError as err:
         raise ModelLoadError(f"{str(path)!r}: {err}") from err
     if lora.enabled and merge_lora:
@@ -334,7 +300,9 @@ def _dataclass_from(cls: type, values: Any) -> Any:
     return cls(**{k: v for k, v in dict(values or {}).items() if k in known})
 
 
-def model_with_weights(config: Any, weights: dict[str, torch.Tensor], lora: LoRAConfig, trust_remote_code: bool = False) -> Any:
+def model_with_weights(
+    config: Any, weights: dict[str, torch.Tensor], lora: LoRAConfig, trust_remote_code: bool = False
+) -> Any:
     """A model of ``config``'s architecture (with ``lora``'s adapters) holding ``weights`` (a ``state_dict``)."""
     from transformers import AutoModelForCausalLM
 
@@ -343,7 +311,9 @@ def model_with_weights(config: Any, weights: dict[str, torch.Tensor], lora: LoRA
     model = apply_lora(model, lora) if lora.enabled else model
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:  # a tied head is not stored
-        raise ModelLoadError(f"weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelLoadError(
+            f"weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     return model
 
@@ -354,6 +324,48 @@ def _architecture(cfg: ModelConfig, hf_config: dict | None) -> Any:
     if hf_config:
         return AutoConfig.for_model(**hf_config)
     try:  # checkpoints written before the architecture was stored: ask the base model
-        return AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as err:
         raise _hub_error(cfg, err) from err
+
+
+def disable_dropout(model: Any) -> None:
+    """Every dropout layer of ``model`` set to p = 0 (TRL's ``disable_dropout_in_model``), and the attention dropout
+    that transformers' attention layers apply as a float attribute (Qwen2, Llama), which TRL's misses."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def whole_model(sharded: Any, lora: LoRAConfig, *, keep: bool) -> Any:
+    """An FSDP2-sharded model's weights gathered into one ordinary model (a collective: every process calls it);
+    returned where ``keep`` (the process that exports), None elsewhere."""
+    state = {name: gathered(tensor) for name, tensor in sharded.state_dict().items()}
+    if not keep:
+        return None
+    model = model_with_weights(sharded.config, state, lora)
+    model.generation_config = sharded.generation_config
+    return model
+
+
+def load_policy(
+    cfg: ModelConfig, lora: LoRAConfig, *, reference: bool, no_dropout: bool, context: int
+) -> tuple[Any, Any]:
+    """The policy to train and its frozen reference (the initial weights; None without ``reference`` or with LoRA,
+    whose reference is the base model with adapters off). ``context``: longest prompt + completion, checked against
+    the model's positions. ``no_dropout``: dropout off before LoRA adds its own (``lora.dropout`` is kept)."""
+    policy = load_causal_lm(cfg)
+    if no_dropout:
+        disable_dropout(policy)
+    positions = getattr(policy.config, "max_position_embeddings", None)
+    if positions and context > positions:
+        raise ValueError(f"prompt.max_prompt_length + sampling.max_tokens = {context} exceeds the model's "
+                         f"max_position_embeddings ({positions}); lower one of them")  # fmt: skip
+    if lora.enabled:
+        return apply_lora(policy, lora), None
+    # a copy, not a second load: the same for GGUF and Hub models
+    return policy, copy.deepcopy(policy).eval().requires_grad_(False) if reference else None

@@ -188,7 +188,9 @@ def count_xml(text: str, *, strict_seed_semantics: bool = False) -> float:
     return count
 
 
-def xmlcount_reward_func(completions: Sequence[Any], *, strict_seed_semantics: bool = False, **kwargs: Any) -> list[float]:
+def xmlcount_reward_func(
+    completions: Sequence[Any], *, strict_seed_semantics: bool = False, **kwargs: Any
+) -> list[float]:
     """Dense format reward: partial credit for each XML tag (see :func:`count_xml`)."""
     return [count_xml(t, strict_seed_semantics=strict_seed_semantics) for t in _texts(completions)]
 
@@ -203,7 +205,7 @@ def soft_overlong_punishment(
     """DAPO's soft overlong punishment (Yu et al., 2025, arXiv:2503.14476, Eq. 13), TRL's
     ``get_soft_overlong_punishment`` as a named function: 0 up to ``L_max − L_cache`` tokens, then falling linearly
     to −1 at ``L_max`` (a completion cut at the token limit gets −1). Training passes ``max_completion_len`` =
-    ``sampling.max_tokens``; ``soft_cache_len`` (L_cache) comes from ``grpo.reward_kwargs`` and defaults to a fifth
+    ``sampling.max_tokens``; ``soft_cache_len`` (L_cache) comes from ``rewards.kwargs`` and defaults to a fifth
     of ``L_max`` (DAPO: 4,096 of 20,480 tokens).
     """
     cache = max_completion_len // 5 if soft_cache_len is None else soft_cache_len
@@ -316,10 +318,14 @@ def combine_rewards(
     if completion_ids is not None:
         kwargs["completion_ids"] = completion_ids
     raw = _call_all(funcs, prompts, completions, kwargs)
-    for fn, result in zip(funcs, raw):
+    for fn, result in zip(funcs, raw, strict=False):
         out.per_function[reward_name(fn)] = _values(reward_name(fn), result, n, on_error)
     for i in range(n):
-        row = [w * values[i] for w, values in zip(weights, out.per_function.values()) if not math.isnan(values[i])]
+        row = [
+            w * values[i]
+            for w, values in zip(weights, out.per_function.values(), strict=False)
+            if not math.isnan(values[i])
+        ]
         out.total.append(math.fsum(row) if row else math.nan)
     return out
 
@@ -342,7 +348,7 @@ def _log_metric(out: RewardBreakdown) -> Callable[[str, float], None]:
 
 def is_async_reward(fn: RewardFunc) -> bool:
     """Whether calling ``fn`` returns a coroutine: an ``async def``, or a callable object with an async ``__call__``."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(fn.__call__)
 
 
 def _call_all(funcs: Sequence[RewardFunc], prompts, completions, kwargs: dict) -> list[Any]:
@@ -359,7 +365,7 @@ def _call_all(funcs: Sequence[RewardFunc], prompts, completions, kwargs: dict) -
             results[i] = err
     if pending:
         gathered = _run_coroutines([funcs[i](prompts=prompts, completions=completions, **kwargs) for i in pending])
-        for i, result in zip(pending, gathered):
+        for i, result in zip(pending, gathered, strict=False):
             results[i] = result
     return results
 
@@ -396,7 +402,9 @@ def score_groups(
     repeat = lambda column: [v for v in column for _ in range(group_size)]  # noqa: E731
     completions = [[{"role": "assistant", "content": text}] for text in texts]
     repeated = {name: repeat(values) for name, values in columns.items()}
-    return combine_rewards(funcs, repeat(prompts), completions, weights=weights, on_error=on_error, **repeated, **options)
+    return combine_rewards(
+        funcs, repeat(prompts), completions, weights=weights, on_error=on_error, **repeated, **options
+    )
 
 
 def _values(name: str, raw: Any, n: int, on_error: str) -> list[float]:

@@ -24,7 +24,7 @@ import torch
 
 from grpo_lightning.batch import positions_from_mask
 from grpo_lightning.hardware import cpu_has_native_bf16, cpu_vllm_dtype
-from grpo_lightning.models import has_plain_attention
+from grpo_lightning.shared_prompt import has_plain_attention
 
 
 @dataclass
@@ -50,7 +50,9 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1 or self.min_tokens > self.max_tokens:
-            raise ValueError(f"sampling needs 1 ≤ max_tokens and min_tokens ≤ max_tokens, got {self.min_tokens}/{self.max_tokens}")
+            raise ValueError(
+                f"sampling needs 1 ≤ max_tokens and min_tokens ≤ max_tokens, got {self.min_tokens}/{self.max_tokens}"
+            )
 
 
 @dataclass
@@ -67,6 +69,10 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    def row_prompts(self) -> list[list[int]]:
+        """The prompt ids of each of the N rows."""
+        return [self.prompt_ids[i // self.group_size] for i in range(len(self.completion_ids))]
 
     @staticmethod
     def from_groups(parts: Sequence[Rollout], chosen: Sequence[tuple[int, int]]) -> Rollout:
@@ -93,6 +99,18 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new policy weights (names as in the policy's ``named_parameters``)."""
+        ...
+
+    def generates_with(self, model: Any) -> bool:
+        """True when the engine samples from ``model`` itself: updated weights then need no sync."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what generation holds (the KV cache) while training runs; a no-op where nothing is held."""
+        ...
+
+    def wake_up(self) -> None:
+        """Take back what ``sleep`` freed, before the next generation or weight update."""
         ...
 
 
@@ -209,12 +227,21 @@ class HFEngine:
         return cache
 
     def _to_rollout(self, prompt_ids, new_tokens: torch.Tensor, scores, n: int) -> Rollout:
-        completions, truncated = zip(*(cut_at_eos(row.tolist(), self.eos_ids) for row in new_tokens)) if len(new_tokens) else ((), ())
+        completions, truncated = (
+            zip(*(cut_at_eos(row.tolist(), self.eos_ids) for row in new_tokens), strict=False)
+            if len(new_tokens)
+            else ((), ())
+        )
         logprobs = None
         if scores is not None:
             step_logprobs = torch.stack(
-                [torch.log_softmax(s.float(), dim=-1).gather(-1, new_tokens[:, i, None].to(s.device)).squeeze(-1).cpu()
-                 for i, s in enumerate(scores)],
+                [
+                    torch.log_softmax(s.float(), dim=-1)
+                    .gather(-1, new_tokens[:, i, None].to(s.device))
+                    .squeeze(-1)
+                    .cpu()
+                    for i, s in enumerate(scores)
+                ],
                 dim=1,
             )  # [N, steps]
             logprobs = [step_logprobs[i, : len(c)].tolist() for i, c in enumerate(completions)]
@@ -226,6 +253,15 @@ class HFEngine:
             group_size=n,
             logprobs=logprobs,
         )
+
+    def generates_with(self, model: Any) -> bool:
+        return model is self.model
+
+    def sleep(self) -> None:  # generate() frees its cache when it returns
+        pass
+
+    def wake_up(self) -> None:
+        pass
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -288,7 +324,11 @@ class VLLMEngine:
         self.config = config
         self.tp_group, self.tp_rank = None, 0
         launched = {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             # a multi-process training job (not vLLM's own single-process group from an earlier engine)
             self.tp_group, self.tp_rank = tensor_parallel_group(config.tensor_parallel_size)
             seed -= self.tp_rank  # the processes of one engine must sample identically
@@ -348,7 +388,7 @@ class VLLMEngine:
                 completions.append(ids)
                 truncated.append(cut)
                 if sampling.logprobs:
-                    logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids)])
+                    logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids, strict=False)])
         return Rollout(
             prompt_ids=[list(p) for p in prompt_ids],
             completion_ids=completions,
@@ -377,6 +417,9 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
         torch._C.set_num_threads(self.threads)
+
+    def generates_with(self, model: Any) -> bool:
+        return False  # vLLM holds its own copy of the weights
 
     def sleep(self) -> None:
         """Free the KV cache while training runs (only with ``enable_sleep_mode``)."""

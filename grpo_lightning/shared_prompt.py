@@ -28,6 +28,14 @@ RunModel = Callable[..., torch.Tensor]
 (hidden states or logits) at the last ``keep`` positions."""
 
 
+def has_plain_attention(model: Any) -> bool:
+    """True for decoders whose every layer is plain causal attention over a key/value cache (Qwen2, Llama, …): a
+    prompt's keys/values can then be computed once and shared by every sequence that continues it."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return hasattr(config, "num_hidden_layers") and set(layer_types) == {"full_attention"}
+
+
 class _PromptLayer(DynamicLayer):
     """One layer's prompt keys/values. Collecting: ``update`` stores the given states (replacing, never appending).
     Serving: ``update`` returns prompt + new states and stores nothing. Both are safe to call again on recompute."""

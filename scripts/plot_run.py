@@ -15,7 +15,7 @@ from pathlib import Path
 PANELS = {
     "reward (mean of the step's completions)": ["train/reward", "train/rewards/xmlcount_reward_func", "train/rewards/strict_format_reward_func",
                                                 "train/rewards/soft_format_reward_func", "train/rewards/correctness_reward_func"],
-    "validation (greedy)": ["val/accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate"],
+    "validation (greedy)": ["val/strict_accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate"],
     "completion length (tokens)": ["train/completion_length"],
     "KL to the reference": ["train/kl"],
 }  # fmt: skip
@@ -43,7 +43,7 @@ def main(csv_path: str, png_path: str) -> None:
     panels = {title: [k for k in keys if any(r.get(k) for r in rows)] for title, keys in PANELS.items()}
     panels = {title: keys for title, keys in panels.items() if keys}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
-    for ax, (title, keys) in zip(axes if len(panels) > 1 else [axes], panels.items()):
+    for ax, (title, keys) in zip(axes if len(panels) > 1 else [axes], panels.items(), strict=False):
         for key in keys:
             steps, values = series(rows, key)
             label = key.split("/")[-1].removesuffix("_reward_func")

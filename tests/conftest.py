@@ -99,3 +99,12 @@ class ScriptedEngine:
 
     def update_weights(self, named_tensors) -> None:
         pass
+
+    def generates_with(self, model) -> bool:
+        return False
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass

@@ -16,9 +16,11 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from grpo_lightning.data import GSM8KDataModule
-from grpo_lightning.module import GRPOConfig, GRPOModule, OptimConfig, all_processes
-from grpo_lightning.models import ModelConfig, gathered, merged_weights
+from grpo_lightning.datamodule import GSM8KDataModule
+from grpo_lightning.config import GRPOConfig, OptimConfig, PromptConfig, RewardConfig
+from grpo_lightning.distributed import all_processes, gathered
+from grpo_lightning.models import ModelConfig, merged_weights
+from grpo_lightning.module import GRPOModule
 from grpo_lightning.rollout import HFEngine, Rollout, SamplingConfig
 
 
@@ -47,9 +49,9 @@ class ScriptedEngine(HFEngine):
 
 
 class ScriptedGRPO(GRPOModule):
-    def ensure_engine(self) -> None:
-        if self.engine is None:
-            self.engine = ScriptedEngine(self.policy, self.tokenizer)
+    def __init__(self, **configs) -> None:
+        super().__init__(**configs)
+        self.rollout.factory = lambda kind, model, tokenizer, **_: ScriptedEngine(model, tokenizer)
 
     def training_step(self, batch, batch_idx):
         self.questions = list(batch["question"])
@@ -73,10 +75,10 @@ def main() -> None:
     L.seed_everything(0)
     module = ScriptedGRPO(
         policy=ModelConfig(name_or_path=args.model),
-        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, loss_type=args.loss_type, max_grad_norm=0,
-                        max_prompt_length=128, reward_funcs=["ddp_step:length_reward"]),
+        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, loss_type=args.loss_type),
+        prompt=PromptConfig(max_prompt_length=128), rewards=RewardConfig(funcs=["ddp_step:length_reward"]),
         sampling=SamplingConfig(max_tokens=12),
-        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0),  # no warmup: the single step has a non-zero rate
+        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, max_grad_norm=0),  # no warmup: the single step has a non-zero rate
     )  # fmt: skip
     data = GSM8KDataModule(source="synthetic", synthetic_size=64, batch_size=args.batch_size)
     trainer = L.Trainer(

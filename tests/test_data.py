@@ -8,13 +8,13 @@ import pytest
 
 from grpo_lightning.data import (
     DataError,
-    GSM8KDataModule,
     encode_prompt,
     load_rows,
     prompt_messages,
     synthetic_rows,
     to_problems,
 )
+from grpo_lightning.datamodule import GSM8KDataModule
 from grpo_lightning.rewards import SYSTEM_PROMPT
 
 
@@ -95,9 +95,9 @@ def test_datamodule_batches_are_columns():
 
 
 def test_user_template_puts_instructions_in_the_user_turn(tiny_tokenizer):
-    from grpo_lightning.data import PromptStyle
+    from grpo_lightning.config import PromptConfig
 
-    style = PromptStyle(user_template="{question}\nAnswer inside <answer> tags.")
+    style = PromptConfig(user_template="{question}\nAnswer inside <answer> tags.")
     messages = prompt_messages("What is 2+3?", style)
     assert messages[1] == {"role": "user", "content": "What is 2+3?\nAnswer inside <answer> tags."}
     assert messages[0]["content"] == SYSTEM_PROMPT

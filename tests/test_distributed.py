@@ -38,7 +38,7 @@ def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strate
     run("train.py", "fit", "--config", str(config))
     rows = metrics(tmp_path)
     assert len([r for r in rows if r.get("train/reward")]) == 4  # rank 0 logs each step once, averaged over processes
-    assert len([r for r in rows if r.get("val/accuracy")]) == 2
+    assert len([r for r in rows if r.get("val/strict_accuracy")]) == 2
     assert (tmp_path / "run" / "hf_export" / "model.safetensors").is_file()  # full weights, gathered when sharded
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)

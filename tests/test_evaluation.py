@@ -88,10 +88,10 @@ def test_evaluate_bad_input_is_one_clear_line(args, message, tiny_checkpoint, ca
 
 def test_validation_during_fit_is_logged(demo_run):
     """The demo validates 32 held-out problems every 25 steps: at steps 25 and 50 of the 60-step run."""
-    rows = [r for r in metrics(demo_run) if r.get("val/accuracy")]
+    rows = [r for r in metrics(demo_run) if r.get("val/strict_accuracy")]
     assert [int(r["step"]) for r in rows] == [24, 49]
     for r in rows:
-        rates = ("val/accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate")
+        rates = ("val/strict_accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate")
         assert all(0 <= float(r[k]) <= 1 for k in rates)
         assert 0 < float(r["val/completion_length"]) <= 16
     card = (demo_run / "run" / "hf_export" / "README.md").read_text()
@@ -102,7 +102,7 @@ def test_test_command_on_a_checkpoint(demo_run):
     cli = main(["test", "--config", str(demo_run / "config.yaml"), "--ckpt_path", str(demo_run / "run" / "checkpoints" / "last.ckpt"),
                 "--data.test_size", "8", "--trainer.logger", "false"])  # fmt: skip
     results = cli.trainer.callback_metrics
-    assert {"test/accuracy", "test/strict_format_rate", "test/completion_length"} <= set(results)
+    assert {"test/strict_accuracy", "test/strict_format_rate", "test/completion_length"} <= set(results)
     assert 0 < float(results["test/completion_length"]) <= 16
 
 
@@ -113,7 +113,7 @@ def test_evaluate_takes_the_prompt_of_a_recipe(tiny_checkpoint, tmp_path):
     assert grpo(["evaluate", "--model", str(tiny_checkpoint), "--data", "synthetic", "--limit", "2", "--engine", "hf",
                  "--max-tokens", "4", "--out", str(out), "--prompt-from", str(REPO / "configs" / "smollm2-135m-cpu.yaml")]) == 0  # fmt: skip
     prompt = json.loads((out / "summary.json").read_text())["prompt"]
-    recipe = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text())["model"]["grpo"]
+    recipe = yaml.safe_load((REPO / "configs" / "smollm2-135m-cpu.yaml").read_text())["model"]["prompt"]
     assert prompt["user_template"] == recipe["user_template"] != "{question}"
     assert prompt["system_prompt"] == SYSTEM_PROMPT  # the recipe keeps the notebook's system turn
 

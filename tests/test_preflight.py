@@ -65,13 +65,13 @@ def test_fit_runs_the_preflight_first(tmp_path):
     from grpo_lightning.preflight import PreflightError
 
     config = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
-                         model={"grpo.preflight_prompts": 2, "grpo.preflight_min_signal": 1.0})  # fmt: skip
+                         model={"rewards.preflight_prompts": 2, "rewards.preflight_min_signal": 1.0})  # fmt: skip
     with pytest.warns(UserWarning, match="preflight: only"):
         main(["fit", "--config", str(config)])
     (table,) = (tmp_path / "run" / "csv").glob("version_*/preflight.txt")
     assert "reward-signal preflight: 2 prompts" in table.read_text()
-    with pytest.raises(PreflightError, match="grpo.preflight_min_signal"):
-        main(["fit", "--config", str(config), "--model.grpo.preflight", "raise", "--overwrite"])
+    with pytest.raises(PreflightError, match="rewards.preflight_min_signal"):
+        main(["fit", "--config", str(config), "--model.rewards.preflight", "raise", "--overwrite"])
 
 
 def test_greedy_training_is_refused():

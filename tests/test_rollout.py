@@ -101,18 +101,18 @@ def test_pack_sequences_left_pads_prompts_and_right_pads_completions():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fused_sequence_logprobs_equal_the_logits_path(tiny_model, tiny_tokenizer, autocast):
-    from grpo_lightning.models import plain_output_head
-    from grpo_lightning.module import GRPOConfig, GRPOModule
+    from grpo_lightning.config import PerformanceConfig
+    from grpo_lightning.logprobs import plain_output_head, sequence_logprobs
 
     assert plain_output_head(tiny_model) is tiny_model.lm_head.weight
     prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]
     seqs = pack_sequences(prompts, [[5, 6, 7], [8]], tiny_tokenizer.pad_token_id)
     results = []
     for fused in (True, False):
-        module = GRPOModule(grpo=GRPOConfig(fused_logprobs=fused, logprob_chunk_size=3))
+        performance = PerformanceConfig(fused_logprobs=fused, logprob_chunk_size=3)
         tiny_model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logp = module.sequence_logprobs(tiny_model, seqs)
+            logp = sequence_logprobs(tiny_model, seqs, performance=performance)
         (logp * seqs.completion_mask).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
     (fused_logp, fused_grads), (plain_logp, plain_grads) = results

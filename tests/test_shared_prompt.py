@@ -8,6 +8,7 @@ import torch
 
 from grpo_lightning.batch import pack_sequences
 from grpo_lightning.data import encode_prompt
+from grpo_lightning.logprobs import completion_logprobs, sequence_logprobs
 from grpo_lightning.rollout import Rollout
 
 QUESTIONS = ("Short?", "What is 7 times 8 apples?")
@@ -32,7 +33,7 @@ def test_pack_sequences_finds_each_distinct_prompt():
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_prompt_forward_equals_the_unshared_one(tiny_model, tiny_tokenizer, fused, checkpointing):
-    from grpo_lightning.module import GRPOConfig, GRPOModule
+    from grpo_lightning.config import PerformanceConfig
 
     if checkpointing:
         tiny_model.gradient_checkpointing_enable()
@@ -43,9 +44,9 @@ def test_shared_prompt_forward_equals_the_unshared_one(tiny_model, tiny_tokenize
     hook = tiny_model.get_decoder().register_forward_hook(record, with_kwargs=True)
     results = []
     for share in (True, False):
-        module = GRPOModule(grpo=GRPOConfig(share_prompt_forward=share, fused_logprobs=fused))
+        performance = PerformanceConfig(share_prompt_forward=share, fused_logprobs=fused)
         tiny_model.zero_grad()
-        logp = module.sequence_logprobs(tiny_model, seqs)
+        logp = sequence_logprobs(tiny_model, seqs, performance=performance)
         (logp * seqs.completion_mask).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
     hook.remove()
@@ -58,24 +59,18 @@ def test_shared_prompt_forward_equals_the_unshared_one(tiny_model, tiny_tokenize
 
 
 def test_no_repeated_prompt_takes_the_single_pass(tiny_model, tiny_tokenizer):
-    from grpo_lightning.module import GRPOModule
-
     prompts = [encode_prompt(tiny_tokenizer, q) for q in QUESTIONS]
     seqs = pack_sequences(prompts, [[5, 6], [7]], tiny_tokenizer.pad_token_id)
     calls = []
     tiny_model.get_decoder().register_forward_hook(lambda m, args, out: calls.append(1))
-    GRPOModule().sequence_logprobs(tiny_model, seqs)
+    sequence_logprobs(tiny_model, seqs)
     assert len(calls) == 1
 
 
 def test_reference_and_old_logprobs_run_in_inference_mode(tiny_model, tiny_tokenizer):
-    from grpo_lightning.module import GRPOModule
-
-    module = GRPOModule()
-    module.tokenizer = tiny_tokenizer
     prompt = encode_prompt(tiny_tokenizer, QUESTIONS[0])
     rollout = Rollout(prompt_ids=[prompt], completion_ids=[[5], [6, 7], [8], [9]], texts=[""] * 4, truncated=[False] * 4, group_size=4)
     modes = []
     tiny_model.get_decoder().register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
-    logp = module.logprobs_without_grad(tiny_model, [prompt] * 4, rollout)
+    logp = completion_logprobs(tiny_model, [prompt] * 4, rollout.completion_ids, pad_id=tiny_tokenizer.pad_token_id)
     assert modes and all(modes) and not logp.is_inference()  # usable as a constant in the loss's autograd graph

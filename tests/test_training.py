@@ -29,7 +29,7 @@ def test_help_documents_fields(capsys):
     out = capsys.readouterr().out
     for text in ("G: completions sampled per prompt", "KL penalty coefficient", "Prompts per training step",
                  "Peak learning rate", "GSPO", "use_bias_correction_kl", "top_entropy_quantile", "DAPO dynamic sampling",
-                 "disable_dropout", "importance_sampling_mode", "bnpo_per_micro_batch", "reward_kwargs"):  # fmt: skip
+                 "disable_dropout", "importance_sampling_mode", "bnpo_per_micro_batch", "rewards.kwargs", "prompt.user_template", "performance.fused_logprobs"):  # fmt: skip
         assert text in out
 
 
@@ -93,8 +93,8 @@ def test_the_new_methods_train_through_the_cli(tmp_path):
     rewards = ["xmlcount_reward_func", "soft_overlong_punishment"]
     cfg = demo_config(tmp_path, trainer={"max_steps": 2}, model={
         "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
-        "grpo.top_entropy_quantile": 0.2, "grpo.dynamic_sampling_max_rounds": 2, "grpo.reward_funcs": rewards,
-        "grpo.reward_kwargs": {"soft_cache_len": 4},
+        "grpo.top_entropy_quantile": 0.2, "grpo.dynamic_sampling_max_rounds": 2, "rewards.funcs": rewards,
+        "rewards.kwargs": {"soft_cache_len": 4},
         "grpo.loss_type": "bnpo", "grpo.bnpo_per_micro_batch": True,
     })  # fmt: skip
     main(["fit", "--config", str(cfg)])
@@ -145,7 +145,7 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 @pytest.mark.parametrize("name, message", [("raising_reward", "raised RuntimeError"), ("wrong_length_reward", "returned 1 values")])
 def test_bad_reward_function_is_named(tmp_path, name, message):
-    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"grpo.reward_funcs": [f"reward_fixtures:{name}"]})
+    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"rewards.funcs": [f"reward_fixtures:{name}"]})
     with pytest.raises(ValueError, match=rf"reward function '{name}' {message}"):
         main(["fit", "--config", str(cfg)])
 

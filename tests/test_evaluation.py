@@ -63,6 +63,7 @@ def test_evaluate_command_on_the_real_test_file(gsm8k_dir, tiny_checkpoint, tmp_
     assert "strict_accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_evaluate_command_on_a_checkpoint_matches_its_export(demo_run, tmp_path):
     """A .ckpt and the HF folder exported from it are the same model: identical per-problem records."""
     args = ["--data", "synthetic", "--limit", "6", "--engine", "hf", "--max-tokens", "8"]
@@ -86,6 +87,7 @@ def test_evaluate_bad_input_is_one_clear_line(args, message, tiny_checkpoint, ca
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_validation_during_fit_is_logged(demo_run):
     """The demo validates 32 held-out problems every 25 steps: at steps 25 and 50 of the 60-step run."""
     rows = [r for r in metrics(demo_run) if r.get("val/strict_accuracy")]
@@ -98,6 +100,7 @@ def test_validation_during_fit_is_logged(demo_run):
     assert "## Evaluation" in card and "accuracy" in card
 
 
+@pytest.mark.e2e
 def test_test_command_on_a_checkpoint(demo_run):
     cli = main(["test", "--config", str(demo_run / "config.yaml"), "--ckpt_path", str(demo_run / "run" / "checkpoints" / "last.ckpt"),
                 "--data.test_size", "8", "--trainer.logger", "false"])  # fmt: skip

@@ -8,6 +8,7 @@ import zipfile
 import pytest
 import torch
 
+from conftest import SHORT_RUN_STEPS
 from grpo_lightning.cli import grpo
 from grpo_lightning.export import EXPORT_MARKER, HubError, OutputExistsError, push_to_hub, save_hf_folder
 from hub_stub import HubStub
@@ -16,20 +17,20 @@ TOKEN = "hf_TESTtoken0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def exported(demo_run, tmp_path_factory):
+def exported(short_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
     summary = out.parent / "summary.json"
     summary.write_text(json.dumps({"data": "gsm8k test", "num_problems": 5, "metrics": {"strict_accuracy": 0.125}}))
-    ckpt = demo_run / "run" / "checkpoints" / "last.ckpt"
+    ckpt = short_run / "run" / "checkpoints" / "last.ckpt"
     assert grpo(["export", str(ckpt), "--out", str(out), "--zip", "--eval-summary", str(summary)]) == 0
     return out
 
 
-def test_checkpoint_export_reloads_with_identical_logits(demo_run, exported):
+def test_checkpoint_export_reloads_with_identical_logits(short_run, exported):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    state = torch.load(demo_run / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_run / "tiny-qwen2"))
+    state = torch.load(short_run / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(short_run / "tiny-qwen2"))
     policy.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
     reloaded = AutoModelForCausalLM.from_pretrained(exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
@@ -44,10 +45,10 @@ def test_zip_and_model_card(exported):
         assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(z.namelist())
     card = (exported / "README.md").read_text()
     for text in ("tiny-qwen2", "synthetic", "train.py", "fit", "correctness_reward_func", '"num_generations": 8',
-                 "strict_accuracy | 0.1250", "optimizer steps | 60"):  # fmt: skip
+                 "strict_accuracy | 0.1250", f"optimizer steps | {SHORT_RUN_STEPS} |"):  # fmt: skip
         assert text in card, text
     record = json.loads((exported / "grpo_training.json").read_text())
-    assert record["global_step"] == 60 and record["hyperparameters"]["model"]["optim"]["lr"] == 0.003
+    assert record["global_step"] == SHORT_RUN_STEPS and record["hyperparameters"]["model"]["optim"]["lr"] == 0.003
 
 
 @pytest.mark.parametrize(
@@ -160,6 +161,7 @@ def test_push_to_an_unreachable_hub(exported, monkeypatch):
     assert TOKEN not in str(info.value)
 
 
+@pytest.mark.e2e
 def test_push_at_the_end_of_training(tmp_path, hub):
     import yaml
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_smollm2_gguf_trains_exports_and_reloads(tmp_path, engine):
     if engine == "vllm":

@@ -96,6 +96,7 @@ def _append_many(path: str, worker: int) -> None:
         append_jsonl(path, {"worker": worker, "i": i, "pad": "x" * (i * 37 % 5000)})
 
 
+@pytest.mark.e2e
 def test_concurrent_appends_keep_every_line_whole(tmp_path):
     path = str(tmp_path / "rows.jsonl")
     workers = [multiprocessing.get_context("spawn").Process(target=_append_many, args=(path, w)) for w in range(4)]

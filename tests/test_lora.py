@@ -27,6 +27,7 @@ def lora_run(tmp_path_factory):
     return main(["fit", "--config", str(config)]), tmp_path
 
 
+@pytest.mark.e2e
 def test_only_adapters_train_and_there_is_no_reference_copy(lora_run):
     cli, tmp_path = lora_run
     module = cli.model
@@ -43,6 +44,7 @@ def test_only_adapters_train_and_there_is_no_reference_copy(lora_run):
     assert all(p.abs().max() > 0 for p in lora_b)  # B starts at zero: it moved
 
 
+@pytest.mark.e2e
 def test_reference_is_the_base_model_with_adapters_off(lora_run, tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +73,7 @@ def test_merged_weights_equal_peft_merge_and_leave_the_base_untouched(tiny_model
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.e2e
 def test_export_merged_or_adapter_only(lora_run, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -60,6 +60,7 @@ def test_grpo_preflight_command_prints_the_table_and_fails_on_thin_signal(tmp_pa
     assert "4 completions" not in captured.out and "want ≥ 100%" in captured.err and "try:" in captured.err
 
 
+@pytest.mark.e2e
 def test_fit_runs_the_preflight_first(tmp_path):
     from grpo_lightning.cli import main
     from grpo_lightning.preflight import PreflightError

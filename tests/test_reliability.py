@@ -42,6 +42,7 @@ def _train(cfg, *extra, wait_for=None) -> None:
     proc.wait()
 
 
+@pytest.mark.e2e
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Same weights, optimizer, schedule, RNG and data order: the resumed run ends bit-identical."""
 
@@ -94,6 +95,7 @@ def test_a_crash_while_writing_a_summary_keeps_the_previous_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+@pytest.mark.e2e
 def test_checkpoints_are_written_atomically_in_training(tmp_path):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0})
     cli = main(["fit", "--config", str(cfg)])
@@ -115,6 +117,7 @@ class _EqualRewardEngine(ScriptedEngine):
         return Rollout([list(p) for p in prompt_ids], ids, texts, [False] * len(ids), n)
 
 
+@pytest.mark.e2e
 def test_equal_rewards_and_empty_completions_give_a_finite_zero_step(tmp_path, monkeypatch):
     import grpo_lightning.rollout_worker as rollout_worker
 
@@ -128,6 +131,7 @@ def test_equal_rewards_and_empty_completions_give_a_finite_zero_step(tmp_path, m
         assert math.isfinite(float(r["train/kl"]))
 
 
+@pytest.mark.e2e
 def test_reward_errors_become_zero_with_a_warning_when_asked(tmp_path):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
                       model={"rewards.funcs": ["reward_fixtures:inf_reward", "xmlcount_reward_func"], "rewards.on_error": "zero"})  # fmt: skip
@@ -137,6 +141,7 @@ def test_reward_errors_become_zero_with_a_warning_when_asked(tmp_path):
     assert float(row["train/rewards/inf_reward"]) == 0.0
 
 
+@pytest.mark.e2e
 def test_infinite_reward_stops_training_naming_the_function(tmp_path):
     """(NaN and None mean "not applicable", as in TRL: see test_rewards.py.)"""
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"rewards.funcs": ["reward_fixtures:inf_reward"]})
@@ -159,6 +164,7 @@ class _TruncatedEngine(ScriptedEngine):
         return Rollout([list(p) for p in prompt_ids], ids, texts, [True] * len(ids), n)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mask", [False, True])
 def test_masking_truncated_completions_removes_them_from_the_loss(tiny_checkpoint, tiny_tokenizer, mask):
     """One GRPO step without a Trainer: a scripted engine, the step's own functions, then the gradient."""
@@ -184,6 +190,7 @@ def test_masking_truncated_completions_removes_them_from_the_loss(tiny_checkpoin
     assert (sum(float(g.abs().sum()) for g in grads) == 0.0) == mask  # masked: nothing left to learn from
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("policy, expected", [("raise", "exceeds max_prompt_length=20"), ("truncate", None)])
 def test_long_prompts_are_rejected_or_truncated_by_flag(tmp_path, policy, expected):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0},
@@ -271,6 +278,7 @@ class _MemoryProbe:
             self.samples[trainer.global_step] = _rss_mib()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_long_run_memory_stays_flat(tmp_path):
     """300 tiny steps: resident memory levels off (allocator warm-up until ~step 200, then little growth).
@@ -306,6 +314,7 @@ def _quick(tmp_path, steps=1, every=50, **overrides):
     return cfg
 
 
+@pytest.mark.e2e
 def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwrite(tmp_path):
     from grpo_lightning.callbacks import CheckpointsExistError
 
@@ -321,6 +330,7 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwrite(tmp_pa
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.e2e
 def test_resume_takes_the_newest_complete_checkpoint_after_a_kill_before_last_ckpt(tmp_path):
     import shutil
 
@@ -343,6 +353,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.e2e
 def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
@@ -406,6 +417,7 @@ def test_a_full_disk_while_checkpointing_names_the_file(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.e2e
 def test_resuming_with_more_steps_stretches_the_schedule_and_says_so(tmp_path):
     from grpo_lightning.optimization import warmup_cosine
 
@@ -428,6 +440,7 @@ def test_a_negative_learning_rate_names_the_setting():
         OptimConfig(lr=-1e-3)
 
 
+@pytest.mark.e2e
 def test_train_py_prints_a_configuration_error_as_one_line(tmp_path, capsys, monkeypatch):
     from grpo_lightning.cli import train
 
@@ -442,6 +455,7 @@ def test_train_py_prints_a_configuration_error_as_one_line(tmp_path, capsys, mon
         train(["fit", "--config", str(cfg), "--model.optim.lr", "-0.001"])
 
 
+@pytest.mark.e2e
 def test_ctrl_c_during_fit_exits_130_after_a_graceful_shutdown(tmp_path, monkeypatch):
     from grpo_lightning.module import GRPOModule
 

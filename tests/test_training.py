@@ -33,6 +33,7 @@ def test_help_documents_fields(capsys):
         assert text in out
 
 
+@pytest.mark.e2e
 def test_reward_rises(demo_run):
     rewards = [float(r["train/reward"]) for r in metrics(demo_run) if r.get("train/reward")]
     assert len(rewards) == 60
@@ -40,6 +41,7 @@ def test_reward_rises(demo_run):
     assert last > first + 0.04 and last > 1.5 * first, (first, last)  # measured: 0.068 → 0.121 (60 steps)
 
 
+@pytest.mark.e2e
 def test_documented_metrics_are_logged(demo_run):
     rows = metrics(demo_run)
     logged = {k for r in rows for k, v in r.items() if v}
@@ -54,6 +56,7 @@ def test_documented_metrics_are_logged(demo_run):
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.003, rel=0.05) and lrs[-1] < 0.0001  # warmup, cosine
 
 
+@pytest.mark.e2e
 def test_checkpoints_samples_and_hf_export(demo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,6 +77,7 @@ def test_checkpoints_samples_and_hf_export(demo_run):
     assert not torch.equal(initial.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.e2e
 def test_resume_from_last_checkpoint(tmp_path):
     cfg = demo_config(tmp_path, trainer={"max_steps": 4})
     cfg_dict = yaml.safe_load(cfg.read_text())
@@ -88,6 +92,7 @@ def test_resume_from_last_checkpoint(tmp_path):
     assert resumed["lr_schedulers"][0]["last_epoch"] == 6
 
 
+@pytest.mark.e2e
 def test_the_new_methods_train_through_the_cli(tmp_path):
     """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping and TRL's bnpo: 2 steps."""
     rewards = ["xmlcount_reward_func", "soft_overlong_punishment"]
@@ -143,6 +148,7 @@ def test_folder_that_is_not_a_model(tmp_path):
         main(["fit", "--config", str(cfg)])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, message", [("raising_reward", "raised RuntimeError"), ("wrong_length_reward", "returned 1 values")])
 def test_bad_reward_function_is_named(tmp_path, name, message):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"rewards.funcs": [f"reward_fixtures:{name}"]})
@@ -163,6 +169,7 @@ def test_impossible_settings_fail_before_loading(tmp_path, overrides, message, c
     assert not (tmp_path / "tiny-qwen2").exists()  # failed before any model was built or loaded
 
 
+@pytest.mark.e2e
 def test_bf16_true_and_export_at_every_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -194,6 +201,7 @@ def test_wandb_goes_offline_without_credentials(monkeypatch, tmp_path):
     assert "WANDB_MODE" not in os.environ
 
 
+@pytest.mark.e2e
 def test_plot_run_draws_the_demo_curves(demo_run, tmp_path):
     """`scripts/plot_run.py` (how docs/images/*.png are made) on a real run's CSV."""
     import subprocess

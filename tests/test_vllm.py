@@ -16,6 +16,8 @@ from grpo_lightning.batch import pack_sequences  # noqa: E402
 from grpo_lightning.data import encode_prompt  # noqa: E402
 from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # the real engine
+
 QUESTIONS = ("What is 1+1?", "Ava has 3 apples and finds 4 more. How many apples does Ava have now?")
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=12)
 

@@ -285,11 +285,13 @@ def high_entropy_mask(
     entropy: torch.Tensor,  # [N, T] the policy's entropy at each completion position
     mask: torch.Tensor,  # [N, T]
     quantile: float,
+    pool: torch.Tensor | None = None,  # [M] entropies the threshold is taken over (default: entropy[mask])
 ) -> torch.Tensor:  # [N, T] float: 1 for the top-``quantile`` share of tokens by entropy
-    """Keep only the highest-entropy ``quantile`` of this batch's tokens in the policy term ("Beyond the 80/20
-    rule", Wang et al., 2025, arXiv:2506.01939; TRL's ``top_entropy_quantile``: 0.2 keeps the top 20 %)."""
+    """Keep only the highest-entropy ``quantile`` of the tokens in the policy term ("Beyond the 80/20 rule", Wang
+    et al., 2025, arXiv:2506.01939; TRL's ``top_entropy_quantile``: 0.2 keeps the top 20 %). The threshold is the
+    quantile of ``pool``: this batch's tokens, or every process's under data parallelism (as TRL gathers them)."""
     valid = mask.bool()
-    values = entropy[valid].float()
+    values = (entropy[valid] if pool is None else pool).float()
     if values.numel() == 0:
         return torch.zeros_like(mask, dtype=torch.float32)
     threshold = torch.quantile(values, 1.0 - quantile)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -358,7 +357,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         out, records, model=args.model, gguf_file=args.gguf_file, data=args.data, split=args.split,
         **({"synthetic_seed": args.synthetic_seed, "synthetic_operations": args.synthetic_operations}
            if args.data == SYNTHETIC else {}), held_out_from=args.held_out_from,
-        engine=type(engine).__name__, max_tokens=args.max_tokens, prompt=dataclasses.asdict(style), seconds=round(time.perf_counter() - start, 1),
+        engine=type(engine).__name__, max_tokens=args.max_tokens, prompt={"system_prompt": style.system_prompt, "user_template": style.user_template}, seconds=round(time.perf_counter() - start, 1),
     )  # fmt: skip
     width = max(map(len, summary["metrics"]))
     print(f"{args.model} on {args.data} ({len(records)} problems):")

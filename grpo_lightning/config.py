@@ -42,7 +42,7 @@ class GRPOConfig:
     use_bias_correction_kl: bool = False
     """Multiply the k3 KL term by the probability ratio (TRL 1.16's default): its gradient follows KL(π_θ‖π_ref)."""
     top_entropy_quantile: float = 1.0
-    """Only this top share of each micro-batch's tokens by policy entropy enters the policy term (1.0: all; paper 0.2)."""
+    """Only this top share of each micro-batch's tokens (all processes') by policy entropy enters the policy term (1.0: all)."""
     disable_dropout: bool = True
     """Switch dropout off in the policy (not in LoRA adapters), so the ratio and KL compare like with like."""
     advantage_scale: AdvantageScale = "group"

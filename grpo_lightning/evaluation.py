@@ -13,6 +13,7 @@ copied from the prompt's instructions, such as ``...``).
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -58,7 +59,8 @@ class Grade:
     reasoning: str | None
     """Text inside the first <reasoning> tag (None without one)."""
     reasoning_copied: bool
-    """The reasoning is empty or copied from the prompt's instructions (a placeholder such as "..."): a collapse sign."""
+    """The reasoning is empty or copied from the prompt's instructions (a placeholder such as "...", a sentence of a
+    worked example): a collapse sign (:func:`copied_from`)."""
 
 
 def grade(completion: str, reference: str, instructions: str = "") -> Grade:
@@ -73,8 +75,21 @@ def grade(completion: str, reference: str, instructions: str = "") -> Grade:
         strict_format=strict_format_reward_func([completion])[0] > 0,
         soft_format=soft_format_reward_func([completion])[0] > 0,
         reasoning=reasoning,
-        reasoning_copied=reasoning is not None and (not reasoning or reasoning in instructions),
+        reasoning_copied=reasoning is not None and copied_from(reasoning, instructions),
     )
+
+
+COPIED_CHARS = 30
+"""A run of this many characters shared with the instructions is copied, not a coincidence (a worked example's
+sentence, a placeholder line); the instructions hold no question, so real reasoning shares far less."""
+
+
+def copied_from(reasoning: str, instructions: str) -> bool:
+    """``reasoning`` is empty, is part of ``instructions``, or shares ≥ 30 consecutive characters with them."""
+    if not reasoning or reasoning in instructions:
+        return True
+    match = difflib.SequenceMatcher(None, reasoning, instructions, autojunk=False)
+    return match.find_longest_match(0, len(reasoning), 0, len(instructions)).size >= COPIED_CHARS
 
 
 def reasoning_text(completion: str) -> str | None:

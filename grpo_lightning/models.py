@@ -18,7 +18,7 @@ import torch
 from grpo_lightning.distributed import gathered
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Which model is the policy, and how to load it."""
 
@@ -37,7 +37,7 @@ class ModelConfig:
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRAConfig:
     """Low-rank adapters (LoRA, through peft) instead of full fine-tuning."""
 
@@ -280,8 +280,7 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     hyper = checkpoint.get("hyper_parameters", {})
     cfg = _dataclass_from(ModelConfig, hyper.get("policy"))
     lora = _dataclass_from(LoRAConfig, hyper.get("lora"))
-    cfg.name_or_path = base or cfg.name_or_path
-    cfg.trust_remote_code = trust_remote_code
+    cfg = replace(cfg, name_or_path=base or cfg.name_or_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     try:
         model = model_with_weights(

@@ -29,7 +29,7 @@ from grpo_lightning.config import (
     refuse_greedy_training,
 )
 from grpo_lightning.data import Problem, collate_problems, encode_prompt, prompt_messages
-from grpo_lightning.distributed import gathered, gradient_sync, shard, sharding_mesh
+from grpo_lightning.distributed import gathered, gathered_values, gradient_sync, shard, sharding_mesh
 from grpo_lightning.dynamic_sampling import draw_problems, refill_flat_groups
 from grpo_lightning.evaluation import PROBLEM_METRICS, evaluate, problem_metrics
 from grpo_lightning.logprobs import completion_logprobs, micro_batches, pack, sequence_logprobs
@@ -230,7 +230,8 @@ class GRPOModule(L.LightningModule):
                 mismatch = mismatch_weights(
                     old, engine_logp, m, grpo.importance_sampling_mode, grpo.importance_sampling_cap
                 )
-            keep = high_entropy_mask(entropy, m, grpo.top_entropy_quantile) if grpo.top_entropy_quantile < 1 else None
+            pool = gathered_values(entropy[m.bool()]) if grpo.top_entropy_quantile < 1 else None  # all processes'
+            keep = high_entropy_mask(entropy, m, grpo.top_entropy_quantile, pool) if pool is not None else None
             scale = keep if mismatch is None else mismatch if keep is None else mismatch * keep
             loss, values = policy_loss(
                 logp, old, advantages[rows], m, ref_logp=None if ref_logp is None else ref_logp[rows, :width],

@@ -27,7 +27,7 @@ from grpo_lightning.hardware import cpu_has_native_bf16, cpu_vllm_dtype
 from grpo_lightning.shared_prompt import has_plain_attention
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig:
     """How completions are sampled."""
 
@@ -274,7 +274,7 @@ class HFEngine:
                 target.copy_(tensor.to(target.device, target.dtype))
 
 
-@dataclass
+@dataclass(frozen=True)
 class VLLMConfig:
     """The in-process vLLM engine (used when ``engine: vllm``)."""
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from grpo_lightning.rollout import Rollout  # noqa: E402  after the environment is set
+from grpo_lightning.rollout import Rollout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
@@ -104,8 +104,6 @@ def short_run(tmp_path_factory):
     trainer = {"max_steps": SHORT_RUN_STEPS, "val_check_interval": SHORT_RUN_STEPS}
     main(["fit", "--config", str(demo_config(tmp_path, trainer=trainer, data={"val_size": 8}))])
     return tmp_path
-
-
 
 
 class ScriptedEngine:

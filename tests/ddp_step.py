@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from grpo_lightning.datamodule import GSM8KDataModule
 from grpo_lightning.config import GRPOConfig, OptimConfig, PromptConfig, RewardConfig
+from grpo_lightning.datamodule import GSM8KDataModule
 from grpo_lightning.distributed import all_processes, gathered
 from grpo_lightning.models import ModelConfig, merged_weights
 from grpo_lightning.module import GRPOModule
@@ -44,7 +44,7 @@ class ScriptedEngine(HFEngine):
         for i, row in enumerate(rows):
             tokens[i, : len(row)] = row
         rollout = self._to_rollout(prompt_ids, tokens, None, n)
-        rollout.completion_ids = [c[: len(r)] for c, r in zip(rollout.completion_ids, rows)]
+        rollout.completion_ids = [c[: len(r)] for c, r in zip(rollout.completion_ids, rows, strict=False)]
         return rollout
 
 
@@ -99,7 +99,9 @@ def strategy(name: str, devices: int):
     if devices == 1:
         return "auto"
     if name == "fsdp2":
-        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return ModelParallelStrategy(
+            data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     return "ddp"
 
 

@@ -85,7 +85,7 @@ def test_head_token_logprobs_equals_the_direct_path_values_and_gradients(tempera
         assert fused.dtype == torch.float32 and fused.shape == (3, 5)
         assert torch.allclose(fused.double(), direct, atol=1e-5)
         grads = torch.autograd.grad((fused * upstream).sum(), (hidden, weight))
-        for got, want in zip(grads, direct_grads):
+        for got, want in zip(grads, direct_grads, strict=False):
             assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -316,3 +316,11 @@ def test_step_one_value_is_not_just_beta_kl_for_the_length_weighted_losses(loss_
     other, _ = policy_loss(logp, logp, adv, mask, beta=0.0, loss_type=loss_type, max_completion_length=3)
     assert grpo.item() == 0.0  # each sequence's weights sum to 1/N: Σ_i A_i / N = 0
     assert other.item() < 0  # the longer, better completion weighs more: −(3·1 − 1·1) / normaliser
+
+
+def test_high_entropy_threshold_comes_from_the_pool_when_given():
+    entropy = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    mask = torch.ones_like(entropy)
+    assert high_entropy_mask(entropy, mask, 0.5).tolist() == [[0.0, 0.0, 1.0, 1.0]]  # own median: 0.25
+    pool = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.3, 0.4])  # other processes' tokens are lower: threshold 0.175
+    assert high_entropy_mask(entropy, mask, 0.5, pool).tolist() == [[0.0, 1.0, 1.0, 1.0]]

@@ -72,7 +72,9 @@ def test_synthetic_rows_are_seeded_and_well_formed():
 def test_prompt_goes_through_the_chat_template(tiny_tokenizer):
     ids = encode_prompt(tiny_tokenizer, "What is 2+3?")
     text = tiny_tokenizer.decode(ids)
-    assert text == tiny_tokenizer.apply_chat_template(prompt_messages("What is 2+3?"), add_generation_prompt=True, tokenize=False)
+    assert text == tiny_tokenizer.apply_chat_template(
+        prompt_messages("What is 2+3?"), add_generation_prompt=True, tokenize=False
+    )
     assert SYSTEM_PROMPT in text and text.endswith("<|im_start|>assistant\n")
 
 

@@ -74,7 +74,15 @@ def one_process(tmp_path_factory, tiny_checkpoint):
     def step(loss_type: str) -> dict:
         if loss_type not in cache:
             out = tmp_path_factory.mktemp("one") / "one.pt"
-            run(str(REPO / "tests" / "ddp_step.py"), str(tiny_checkpoint), str(out), "--batch-size", "4", "--loss-type", loss_type)
+            run(
+                str(REPO / "tests" / "ddp_step.py"),
+                str(tiny_checkpoint),
+                str(out),
+                "--batch-size",
+                "4",
+                "--loss-type",
+                loss_type,
+            )
             cache[loss_type] = torch.load(out)
         return cache[loss_type]
 
@@ -112,13 +120,42 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_checkpoint, one_
 
 
 def test_strategies_that_wrap_the_whole_module_are_refused():
-    from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from grpo_lightning.module import GRPOModule
+    from grpo_lightning.distributed import sharding_mesh
 
-    module = GRPOModule()
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="ModelParallelStrategy"):
-        module.sharding_mesh()
+        sharding_mesh(FSDPStrategy(), world_size=2)
+
+
+GATHER_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from grpo_lightning.distributed import gathered_values
+
+def run(rank, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    values = torch.arange(3 + 2 * rank, dtype=torch.float32) + 10 * rank  # 3 values, then 5
+    torch.save(gathered_values(values), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+@pytest.mark.e2e
+def test_values_of_unequal_length_are_gathered_from_every_process(tmp_path):
+    """The top-entropy threshold is taken over every process's tokens, as TRL gathers them."""
+    import socket
+
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, str(script), str(tmp_path), str(port)], check=True, cwd=REPO, timeout=120)
+    expected = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"{rank}.pt").tolist() == expected

@@ -24,7 +24,12 @@ RUNNABLE = ("python", "grpo", ".venv/bin/grpo", "./scripts/", "pip", "torchrun",
 
 
 def blocks(language: str) -> list[tuple[Path, str]]:
-    return [(path, body) for path in DOCS for lang, body in re.findall(r"```(\w*)\n(.*?)```", path.read_text(), re.S) if lang == language]
+    return [
+        (path, body)
+        for path in DOCS
+        for lang, body in re.findall(r"```(\w*)\n(.*?)```", path.read_text(), re.S)
+        if lang == language
+    ]
 
 
 def shell_commands() -> list[tuple[str, list[str]]]:
@@ -53,7 +58,9 @@ INLINE = inline_commands()
 def tier(argv: list[str]):
     """Checking a `python <script>` command's flags runs its --help in a subprocess (seconds where the script imports
     torch first): end-to-end tier."""
-    spawns = argv[0] == "python" and len(argv) > 1 and argv[1] != "train.py" and any(a.startswith("--") for a in argv[2:])
+    spawns = (
+        argv[0] == "python" and len(argv) > 1 and argv[1] != "train.py" and any(a.startswith("--") for a in argv[2:])
+    )
     return pytest.mark.e2e if spawns else ()
 
 
@@ -91,7 +98,9 @@ def test_the_docs_have_commands():
     assert len(COMMANDS) > 20 and len(INLINE) > 10 and len(blocks("yaml")) >= 1
 
 
-@pytest.mark.parametrize("argv", [pytest.param(argv, marks=tier(argv)) for _, argv in COMMANDS], ids=[name for name, _ in COMMANDS])
+@pytest.mark.parametrize(
+    "argv", [pytest.param(argv, marks=tier(argv)) for _, argv in COMMANDS], ids=[name for name, _ in COMMANDS]
+)
 def test_command_is_valid(argv, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     assert argv[0].startswith(RUNNABLE), f"a documented command this test does not know how to check: {argv}"
@@ -127,7 +136,9 @@ def test_command_is_valid(argv, capsys, monkeypatch):
             assert all(flag in text for flag in flags), (flags, text[-500:])
 
 
-@pytest.mark.parametrize("argv", [pytest.param(argv, marks=tier(argv)) for _, argv in INLINE], ids=[name for name, _ in INLINE])
+@pytest.mark.parametrize(
+    "argv", [pytest.param(argv, marks=tier(argv)) for _, argv in INLINE], ids=[name for name, _ in INLINE]
+)
 def test_quoted_command_fragments_use_real_flags(argv):
     flags = [a.split("=")[0] for a in argv if a.startswith("--")]
     if argv[0] == "python":
@@ -153,7 +164,9 @@ def test_python_snippets_import_what_exists():
         if ">>>" in body:
             continue  # doctests: run below
         compile(body, str(path), "exec")
-        imports = "\n".join(line for line in body.splitlines() if line.startswith(("from grpo_lightning", "import grpo_lightning")))
+        imports = "\n".join(
+            line for line in body.splitlines() if line.startswith(("from grpo_lightning", "import grpo_lightning"))
+        )
         exec(imports, {})
 
 
@@ -165,7 +178,9 @@ def test_algorithm_page_quotes_the_training_step_verbatim():
 
 @pytest.mark.parametrize("page", ["rewards.md", "data.md"])
 def test_doc_examples_run(page):
-    result = doctest.testfile(str(REPO / "docs" / page), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testfile(
+        str(REPO / "docs" / page), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -173,7 +188,9 @@ def test_checkpoint_doc_examples_run_on_a_demo_run(short_run, tmp_path, monkeypa
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "cpu-demo").symlink_to(short_run / "run")  # the layout ./scripts/demo.sh leaves
     monkeypatch.chdir(tmp_path)
-    result = doctest.testfile(str(REPO / "docs" / "checkpoints.md"), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testfile(
+        str(REPO / "docs" / "checkpoints.md"), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE
+    )
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -186,10 +203,14 @@ def test_custom_reward_walkthrough_trains(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(source)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    ((_, argv),) = [(n, a) for n, a in COMMANDS if n.startswith("rewards.md") and "my_rewards:brevity_reward" in " ".join(a)]
+    ((_, argv),) = [
+        (n, a) for n, a in COMMANDS if n.startswith("rewards.md") and "my_rewards:brevity_reward" in " ".join(a)
+    ]
     from grpo_lightning.cli import main
 
-    args = [a if a != "configs/cpu-demo.yaml" else str(demo_config(tmp_path, trainer={"max_steps": 2})) for a in argv[2:]]
+    args = [
+        a if a != "configs/cpu-demo.yaml" else str(demo_config(tmp_path, trainer={"max_steps": 2})) for a in argv[2:]
+    ]
     main(args)
     rows = [r for r in metrics(tmp_path) if r.get("train/rewards/brevity_reward")]
     assert len(rows) == 2 and all(0 < float(r["train/rewards/brevity_reward"]) <= 0.5 for r in rows)

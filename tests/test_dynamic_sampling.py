@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
 from conftest import ScriptedEngine
-from grpo_lightning.data import Problem, collate_problems
+
 from grpo_lightning.config import GRPOConfig
+from grpo_lightning.data import Problem, collate_problems
 from grpo_lightning.dynamic_sampling import refill_flat_groups
 from grpo_lightning.module import GRPOModule
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import ScriptedEngine, metrics
+
 from grpo_lightning.cli import grpo, main
 from grpo_lightning.data import Problem
 from grpo_lightning.evaluation import evaluate, grade, summarize
@@ -30,7 +30,12 @@ GOOD = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
 )  # fmt: skip
 def test_grade(completion, reference, strict, lenient, strict_fmt, soft_fmt):
     g = grade(completion, reference)
-    assert (g.strict_correct, g.lenient_correct, g.strict_format, g.soft_format) == (strict, lenient, strict_fmt, soft_fmt)
+    assert (g.strict_correct, g.lenient_correct, g.strict_format, g.soft_format) == (
+        strict,
+        lenient,
+        strict_fmt,
+        soft_fmt,
+    )
     assert g.answer is None if "<answer>" not in completion else g.answer is not None
 
 
@@ -70,7 +75,9 @@ def test_evaluate_command_on_a_checkpoint_matches_its_export(demo_run, tmp_path)
     ckpt = demo_run / "run" / "checkpoints" / "last.ckpt"
     assert grpo(["evaluate", "--model", str(ckpt), *args, "--out", str(tmp_path / "a")]) == 0
     assert grpo(["evaluate", "--model", str(demo_run / "run" / "hf_export"), *args, "--out", str(tmp_path / "b")]) == 0
-    completions = [[json.loads(x)["completion"] for x in (tmp_path / d / "problems.jsonl").read_text().splitlines()] for d in "ab"]
+    completions = [
+        [json.loads(x)["completion"] for x in (tmp_path / d / "problems.jsonl").read_text().splitlines()] for d in "ab"
+    ]
     assert completions[0] == completions[1] and len(completions[0]) == 6
 
 
@@ -81,7 +88,7 @@ def test_evaluate_command_on_a_checkpoint_matches_its_export(demo_run, tmp_path)
 )  # fmt: skip
 def test_evaluate_bad_input_is_one_clear_line(args, message, tiny_checkpoint, capsys):
     base = {"--model": str(tiny_checkpoint), "--data": "synthetic"}
-    base.update(dict(zip(args[::2], args[1::2])))
+    base.update(dict(zip(args[::2], args[1::2], strict=False)))
     code = grpo(["evaluate", *[x for kv in base.items() for x in kv], "--engine", "hf", "--limit", "2"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
@@ -129,6 +136,12 @@ def test_reasoning_copied_from_the_prompt_is_flagged():
     untagged = grade("The answer is 5.", "5", template)
     assert (copied.reasoning_copied, real.reasoning_copied, empty.reasoning_copied, untagged.reasoning_copied) == (
         True, False, True, False)  # fmt: skip
+    example = (
+        "{question}\nExample:\n<reasoning>\nA box holds 4 pens and Mia buys 3 boxes, so 4 * 3 = 12 pens.\n</reasoning>"
+    )
+    borrowed = "<reasoning>\nA box holds 4 pens and Mia buys 3 boxes.\nSo 3 + 6 = 9.\n</reasoning>"
+    assert grade(borrowed, "9", example).reasoning_copied  # a sentence of the worked example
+    assert not grade("<reasoning>\nMia has 4 pens, so 4 + 5 = 9.\n</reasoning>", "9", example).reasoning_copied
     assert real.reasoning == "3 + 2 = 5" and untagged.reasoning is None
 
 

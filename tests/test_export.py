@@ -7,11 +7,11 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import SHORT_RUN_STEPS
+from hub_stub import HubStub
+
 from grpo_lightning.cli import grpo
 from grpo_lightning.export import EXPORT_MARKER, HubError, OutputExistsError, push_to_hub, save_hf_folder
-from hub_stub import HubStub
 
 TOKEN = "hf_TESTtoken0123456789abcdef"
 
@@ -164,8 +164,8 @@ def test_push_to_an_unreachable_hub(exported, monkeypatch):
 @pytest.mark.e2e
 def test_push_at_the_end_of_training(tmp_path, hub):
     import yaml
-
     from conftest import demo_config
+
     from grpo_lightning.cli import main
 
     cfg = demo_config(tmp_path, trainer={"max_steps": 2}, data={"val_size": 0})
@@ -179,8 +179,8 @@ def test_push_at_the_end_of_training(tmp_path, hub):
 
 def test_training_with_push_but_no_token_fails_before_training(tmp_path, monkeypatch):
     import yaml
-
     from conftest import demo_config
+
     from grpo_lightning.cli import main
 
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -18,9 +18,20 @@ from grpo_lightning.evaluation import grade
 from grpo_lightning.inference import split_completion
 from grpo_lightning.rewards import extract_hash_answer
 
-FUZZ = settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-values = st.one_of(st.text(), st.text(alphabet="#0123456789,.-$ \n"), st.integers(), st.floats(), st.none(), st.lists(st.text(), max_size=2))
-rows = st.one_of(st.dictionaries(st.sampled_from(["question", "answer", "other"]), values), st.text(), st.integers(), st.none())
+FUZZ = settings(
+    max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+values = st.one_of(
+    st.text(),
+    st.text(alphabet="#0123456789,.-$ \n"),
+    st.integers(),
+    st.floats(),
+    st.none(),
+    st.lists(st.text(), max_size=2),
+)
+rows = st.one_of(
+    st.dictionaries(st.sampled_from(["question", "answer", "other"]), values), st.text(), st.integers(), st.none()
+)
 
 
 @FUZZ
@@ -40,7 +51,11 @@ def test_rows_become_problems_or_a_clear_error(batch):
 
 
 @FUZZ
-@given(st.lists(st.one_of(st.text(), st.builds(json.dumps, st.one_of(values, st.dictionaries(st.text(), values)))), max_size=6))
+@given(
+    st.lists(
+        st.one_of(st.text(), st.builds(json.dumps, st.one_of(values, st.dictionaries(st.text(), values)))), max_size=6
+    )
+)
 def test_jsonl_files_load_or_name_the_line(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
     path.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8")

@@ -7,8 +7,8 @@ import multiprocessing
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import ScriptedEngine
+
 from grpo_lightning.cli import grpo
 from grpo_lightning.data import prompt_messages
 from grpo_lightning.export import append_jsonl
@@ -51,7 +51,9 @@ def test_infer_command_appends_rows_from_every_run(tiny_checkpoint, tmp_path, ca
     assert "── question" in printed and "── reasoning" in printed and "── answer" in printed
     assert grpo([*common, "--input", str(questions), "--num-samples", "2", "--temperature", "1.0"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question"] for r in rows] == ["What is 2 + 3?"] + ["How many legs do 3 cats have?"] * 2 + ["What is 10 - 4?"] * 2
+    assert [r["question"] for r in rows] == ["What is 2 + 3?"] + ["How many legs do 3 cats have?"] * 2 + [
+        "What is 10 - 4?"
+    ] * 2
     assert {"model", "question", "reasoning", "answer", "completion", "sampling", "timestamp"} <= set(rows[0])
     assert rows[0]["sampling"]["temperature"] == 0.0 and rows[1]["sampling"]["temperature"] == 1.0
 
@@ -60,7 +62,10 @@ def test_infer_interactive_reads_until_an_empty_line(tiny_checkpoint, tmp_path, 
     lines = iter(["What is 1 + 1?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     out = tmp_path / "a.jsonl"
-    assert grpo(["infer", "--model", str(tiny_checkpoint), "--engine", "hf", "--max-tokens", "4", "--output", str(out)]) == 0
+    assert (
+        grpo(["infer", "--model", str(tiny_checkpoint), "--engine", "hf", "--max-tokens", "4", "--output", str(out)])
+        == 0
+    )
     assert [json.loads(x)["question"] for x in out.read_text().splitlines()] == ["What is 1 + 1?"]
 
 
@@ -116,7 +121,7 @@ def _full_disk_after_half(monkeypatch):
     write = os.write
 
     def full(fd, data):
-        if bytes(data[:2]) in (b'{"', b'\n{'):  # our JSONL lines only; pytest's own output is left alone
+        if bytes(data[:2]) in (b'{"', b"\n{"):  # our JSONL lines only; pytest's own output is left alone
             write(fd, bytes(data[: len(data) // 2]))
             raise OSError(errno.ENOSPC, "No space left on device")
         return write(fd, data)

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("peft", reason="LoRA needs peft (pip install 'grpo-lightning[lora]')")
 
-from grpo_lightning.cli import grpo, main  # noqa: E402
-from grpo_lightning.export import export_policy  # noqa: E402
-from grpo_lightning.models import LoRAConfig, apply_lora, merged_weights  # noqa: E402
+from grpo_lightning.cli import grpo, main
+from grpo_lightning.export import export_policy
+from grpo_lightning.models import LoRAConfig, apply_lora, merged_weights
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.0, "optim.lr": 0.01, "sampling.max_tokens": 8}
 
@@ -55,7 +55,9 @@ def test_reference_is_the_base_model_with_adapters_off(lora_run, tiny_checkpoint
     base = AutoModelForCausalLM.from_pretrained(lora_run[1] / "tiny-qwen2").train()
     expected = module.logprobs_without_grad(base, prompts, rollout)
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
-    assert (module.logprobs_without_grad(module.policy, prompts, rollout) - expected).abs().max() > 1e-3  # adapters matter
+    assert (
+        module.logprobs_without_grad(module.policy, prompts, rollout) - expected
+    ).abs().max() > 1e-3  # adapters matter
 
 
 def test_merged_weights_equal_peft_merge_and_leave_the_base_untouched(tiny_model):
@@ -86,13 +88,17 @@ def test_export_merged_or_adapter_only(lora_run, tmp_path):
     merged = export_policy(policy, module.tokenizer, tmp_path / "merged")
     assert not (merged / "adapter_config.json").exists()
     with torch.no_grad():
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits, expected, atol=1e-4, rtol=0
+        )
     adapter = export_policy(policy, module.tokenizer, tmp_path / "adapter", adapter_only=True)
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
     assert "library_name: peft" in (adapter / "README.md").read_text()
     base = AutoModelForCausalLM.from_pretrained(run / "tiny-qwen2")
     with torch.no_grad():
-        torch.testing.assert_close(PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits, expected, atol=1e-4, rtol=0
+        )
 
     # the same from the checkpoint, through the command line
     ckpt = str(run / "run" / "checkpoints" / "last.ckpt")

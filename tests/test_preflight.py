@@ -6,8 +6,8 @@ import pytest
 from conftest import ScriptedEngine, demo_config
 
 from grpo_lightning.data import Problem, synthetic_rows, to_problems
-from grpo_lightning.preflight import preflight, sample_problems
 from grpo_lightning.module import GRPOModule
+from grpo_lightning.preflight import preflight, sample_problems
 from grpo_lightning.rollout import SamplingConfig
 
 STRICT = "<reasoning>\n2 + 2 = 4\n</reasoning>\n<answer>\n4\n</answer>\n"
@@ -17,7 +17,9 @@ PROBLEMS = [Problem("What is 2 + 2?", "4", 0), Problem("What is 3 + 3?", "6", 1)
 def test_report_counts_groups_with_signal_hits_and_samples(tiny_tokenizer):
     # group 1: one strict, correct answer among noise (signal); group 2: all the same (no signal)
     engine = ScriptedEngine([STRICT, "no idea", "no idea", "no idea"] + ["7"] * 4)
-    report = preflight(engine, tiny_tokenizer, PROBLEMS, GRPOModule().score, num_generations=4, sampling=SamplingConfig())
+    report = preflight(
+        engine, tiny_tokenizer, PROBLEMS, GRPOModule().score, num_generations=4, sampling=SamplingConfig()
+    )
     assert (report.num_groups, report.groups_with_signal, report.signal_share) == (2, 1, 0.5)
     assert report.reward_hits["correctness_reward_func"] == pytest.approx(1 / 8)
     assert report.reward_hits["strict_format_reward_func"] == pytest.approx(1 / 8)

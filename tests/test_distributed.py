@@ -51,18 +51,23 @@ def test_fit_validate_checkpoint_export_resume_on_two_processes(tmp_path, strate
 
 
 @pytest.mark.e2e
-def test_dynamic_sampling_and_top_entropy_on_two_processes(tmp_path):
-    """Each process refills its own flat groups (no collective inside), and the top-entropy threshold is gathered from
-    both: two DDP processes train 2 steps to the end, with the refill metrics logged."""
+def test_every_method_on_two_processes(tmp_path):
+    """Every method of the algorithm at once on two DDP processes: each refills its own flat groups (no collective
+    inside), the top-entropy threshold is gathered from both, the mismatch correction, GSPO, unbiased KL, TRL's bnpo
+    and overlong shaping run; 2 steps to the end, with the refill metrics logged."""
     config = demo_config(
         tmp_path,
         trainer={"devices": 2, "strategy": "ddp", "max_steps": 2},
         data={"val_size": 0},
-        model={"sampling.max_tokens": 8, "grpo.dynamic_sampling_max_rounds": 2, "grpo.top_entropy_quantile": 0.5},
-    )
+        model={"sampling.max_tokens": 8, "grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
+               "grpo.top_entropy_quantile": 0.5, "grpo.dynamic_sampling_max_rounds": 1, "grpo.loss_type": "bnpo",
+               "grpo.bnpo_per_micro_batch": True, "rewards.funcs": ["xmlcount_reward_func", "soft_overlong_punishment"],
+               "rewards.kwargs": {"soft_cache_len": 4}},
+    )  # fmt: skip
     run("train.py", "fit", "--config", str(config))
     rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
     assert len(rows) == 2 and all(r.get("train/dynamic_sampling/rounds") not in (None, "") for r in rows)
+    assert all(0 < float(r["rollout/is_ratio"]) <= 2.0 and float(r["train/entropy"]) > 0 for r in rows)
 
 
 @pytest.mark.e2e

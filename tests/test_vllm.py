@@ -98,6 +98,8 @@ def test_sixteen_samples_and_logprobs_match_the_trainer(vllm_engine, tiny_model,
 
 
 def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
+    """Every method of the algorithm at once, on the vLLM engine: mismatch correction, GSPO, unbiased KL, top-entropy
+    masking, dynamic sampling, TRL's bnpo and overlong shaping."""
     from test_training import demo_config, metrics
 
     from grpo_lightning.cli import main
@@ -105,8 +107,11 @@ def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
     cfg = demo_config(
         tmp_path,
         trainer={"max_steps": 3, "precision": "32-true"},  # float32 on both sides, any CPU
-        model={"grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_mode": "sequence_mask"},
-    )
+        model={"grpo.importance_sampling_cap": 2.0, "grpo.importance_sampling_mode": "sequence_mask", "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
+               "grpo.top_entropy_quantile": 0.5, "grpo.dynamic_sampling_max_rounds": 1, "grpo.loss_type": "bnpo",
+               "grpo.bnpo_per_micro_batch": True, "rewards.funcs": ["xmlcount_reward_func", "soft_overlong_punishment"],
+               "rewards.kwargs": {"soft_cache_len": 4}},
+    )  # fmt: skip
     main(["fit", "--config", str(cfg), "--model.engine", "vllm", "--model.vllm.dtype", "float32",
           "--model.vllm.enforce_eager", "true", "--model.vllm.max_model_len", "512"])  # fmt: skip
     rows = [r for r in metrics(tmp_path) if r.get("train/reward")]
@@ -115,6 +120,7 @@ def test_fit_cpu_demo_with_vllm(tmp_path, vllm_engine):
     assert all(0 < float(r["rollout/is_ratio"]) <= 2.0 for r in rows)
     # the engine's log-probs against the trainer's, logged whenever vLLM returns them (float32: nearly equal)
     assert all(0 <= float(r["rollout/logprob_diff_mean"]) <= float(r["rollout/logprob_diff_max"]) < 1e-3 for r in rows)
+    assert all(float(r["train/entropy"]) > 0 and r.get("train/dynamic_sampling/rounds") not in (None, "") for r in rows)
 
 
 def test_evaluate_a_checkpoint_with_vllm_equals_hf(demo_run, tmp_path):

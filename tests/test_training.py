@@ -96,14 +96,14 @@ def test_resume_from_last_checkpoint(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("lora_rank", [0, 8])
 def test_the_new_methods_train_through_the_cli(tmp_path, lora_rank):
-    """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping and TRL's bnpo: 2 steps, with
-    all weights training and with LoRA adapters (whose reference is the base model with the adapters off)."""
+    """GSPO, the unbiased KL, high-entropy masking, dynamic sampling, overlong shaping, TRL's bnpo and the mismatch
+    correction: 2 steps, with all weights training and with LoRA adapters (reference: the base, adapters off)."""
     rewards = ["xmlcount_reward_func", "soft_overlong_punishment"]
     cfg = demo_config(tmp_path, trainer={"max_steps": 2}, model={"lora.rank": lora_rank,
         "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": True,
         "grpo.top_entropy_quantile": 0.2, "grpo.dynamic_sampling_max_rounds": 2, "rewards.funcs": rewards,
         "rewards.kwargs": {"soft_cache_len": 4},
-        "grpo.loss_type": "bnpo", "grpo.bnpo_per_micro_batch": True,
+        "grpo.loss_type": "bnpo", "grpo.bnpo_per_micro_batch": True, "grpo.importance_sampling_cap": 2.0,
     })  # fmt: skip
     main(["fit", "--config", str(cfg)])
     rows = [r for r in metrics(tmp_path) if r.get("train/loss")]
@@ -114,6 +114,7 @@ def test_the_new_methods_train_through_the_cli(tmp_path, lora_rank):
     assert all(float(r["train/entropy"]) > 0 for r in rows)
     assert all(float(r["train/rewards/soft_overlong_punishment"]) <= 0 for r in rows)
     assert all(math.isfinite(float(r["train/kl"])) and float(r["train/grad_norm"]) > 0 for r in rows)
+    assert all(0 < float(r["rollout/is_ratio"]) <= 2.0 for r in rows)  # the HF engine's sampling log-probs
 
 
 def test_dropout_is_off_in_the_policy(tmp_path):

@@ -71,17 +71,7 @@ def gradient_sync(model: Any, strategy: Any, sharded: bool, enabled: bool) -> An
 
 def gathered_values(values: torch.Tensor) -> torch.Tensor:  # [M] → [ΣM over processes]
     """A 1-D tensor of any length from every process, concatenated in rank order (unchanged without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    world = torch.distributed.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
-    torch.distributed.all_gather(sizes, torch.tensor([values.numel()], device=values.device))
-    longest = int(max(sizes).item())
-    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
-    padded[: values.numel()] = values
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])
+    return torch.cat([part.to(values.device) for part in all_processes(values.detach().cpu())])
 
 
 def all_processes(value: Any) -> list[Any]:

@@ -29,11 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CURVES = {  # panel → (our metric, TRL's log key)
-    "total reward": ("train/reward", "reward"),
-    "strict format reward": ("train/rewards/strict_format_reward_func", "rewards/strict_format_reward_func/mean"),
-    "correctness reward": ("train/rewards/correctness_reward_func", "rewards/correctness_reward_func/mean"),
-}
+PANELS = ("strict_format_reward_func", "correctness_reward_func", "last_number_reward_func")  # drawn when used
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -50,7 +46,17 @@ def recipe(config: str, steps: int):
     return cli
 
 
-def run_ours(config: str, steps: int, out: Path) -> float:
+def curves(config: str) -> dict[str, tuple[str, str]]:
+    """Panel → (our metric, TRL's log key): the total reward and each of the recipe's rewards named in PANELS
+    (none when the recipe has one reward: its panel would repeat the total's)."""
+    funcs = recipe(config, 1).model.rewards.funcs
+    used = {name.removesuffix("_func").replace("_", " "): name for name in PANELS if name in funcs and len(funcs) > 1}
+    return {"total reward": ("train/reward", "reward")} | {
+        panel: (f"train/rewards/{name}", f"rewards/{name}/mean") for panel, name in used.items()
+    }
+
+
+def run_ours(config: str, steps: int, out: Path, panels: dict[str, tuple[str, str]]) -> float:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", config, "--trainer.max_steps", str(steps),
            "--data.val_size", "0", "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
@@ -61,12 +67,12 @@ def run_ours(config: str, steps: int, out: Path) -> float:
     seconds = time.perf_counter() - start
     (metrics,) = sorted(out.glob("csv/version_*/metrics.csv"))[-1:]
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/reward")]
-    write_rows(out / "metrics.csv", [{"step": int(r["step"]) + 1, **{panel: float(r[ours]) for panel, (ours, _) in CURVES.items()}}
+    write_rows(out / "metrics.csv", [{"step": int(r["step"]) + 1, **{panel: float(r[ours]) for panel, (ours, _) in panels.items()}}
                                      for r in rows])  # fmt: skip
     return seconds
 
 
-def run_trl(config: str, steps: int, out: Path) -> float:
+def run_trl(config: str, steps: int, out: Path, panels: dict[str, tuple[str, str]]) -> float:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,9 +116,15 @@ def run_trl(config: str, steps: int, out: Path) -> float:
     trl.train()
     seconds = time.perf_counter() - start
     logged = [h for h in trl.state.log_history if "reward" in h]
-    write_rows(out / "metrics.csv", [{"step": h["step"], **{panel: h[key] for panel, (_, key) in CURVES.items()}}
+    write_rows(out / "metrics.csv", [{"step": h["step"], **{panel: h[key] for panel, (_, key) in panels.items()}}
                                      for h in logged])  # fmt: skip
     return seconds
+
+
+def write_seconds(summary_path: Path, side: str, seconds: float) -> None:
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"seconds": {}}
+    summary["seconds"][side] = seconds
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -132,7 +144,7 @@ def last_fifth(rows: list[dict[str, float]], key: str) -> tuple[float, float]:
     return statistics.fmean(tail), statistics.stdev(tail) / len(tail) ** 0.5
 
 
-def plot(sides: dict[str, list[dict[str, float]]], png: Path, seconds: dict[str, float]) -> None:
+def plot(sides: dict[str, list[dict[str, float]]], png: Path, seconds: dict[str, float], panels: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +153,8 @@ def plot(sides: dict[str, list[dict[str, float]]], png: Path, seconds: dict[str,
     sys.path.insert(0, str(REPO / "scripts"))
     from plot_run import smooth
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.6 * len(CURVES), 3.4))
-    for ax, panel in zip(axes, CURVES, strict=False):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
         for side, rows in sides.items():
             steps, values = [r["step"] for r in rows], [r[panel] for r in rows]
             ax.plot(steps, values, alpha=0.2)
@@ -162,35 +174,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps on each side (default: 100)")
     parser.add_argument("--out", default="runs/learning-vs-trl", help="output folder")
     parser.add_argument(
-        "--sides", default="ours,trl", help="comma-separated: ours, trl (the other side's results are reused)"
+        "--sides",
+        default="ours,trl",
+        help="comma-separated: ours, trl, or '' to redraw (the other side's results are reused; two commands, one "
+        "per side, may run at once on separate cores)",
     )
     parser.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
+    panels = curves(args.config)
     if args.child_trl:
-        print(json.dumps({"seconds": run_trl(args.config, args.steps, out / "trl")}))
+        print(json.dumps({"seconds": run_trl(args.config, args.steps, out / "trl", panels)}))
         return
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"seconds": {}}
-    summary.update(config=args.config, steps=args.steps)
-    for side in args.sides.split(","):
+    for side in filter(None, args.sides.split(",")):
         if side == "ours":
-            summary["seconds"]["ours"] = run_ours(args.config, args.steps, out / "ours")
+            seconds = run_ours(args.config, args.steps, out / "ours", panels)
         else:  # a fresh process: TRL and ours never share threads, caches or imports
             (out / "trl").mkdir(parents=True, exist_ok=True)
             with open(out / "trl" / "train.log", "w") as log:
                 proc = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
                                        "--out", str(out), "--child-trl"], env={**os.environ, **ENV}, stdout=subprocess.PIPE,
                                       stderr=log, text=True, check=True)  # fmt: skip
-            summary["seconds"]["trl"] = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-        print(f"{side}: {summary['seconds'][side]:.0f} s", flush=True)
+            seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+        print(f"{side}: {seconds:.0f} s", flush=True)
+        write_seconds(summary_path, side, seconds)  # read back first: the sides may run as two concurrent commands
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"seconds": {}}
+    summary.update(config=args.config, steps=args.steps)
     sides = {
         side: read_rows(out / side / "metrics.csv")
         for side in ("ours", "trl")
         if (out / side / "metrics.csv").is_file()
     }
     summary["last_20_percent"] = {
-        side: {panel: last_fifth(rows, panel) for panel in CURVES} for side, rows in sides.items()
+        side: {panel: last_fifth(rows, panel) for panel in panels} for side, rows in sides.items()
     }
     for side, values in summary["last_20_percent"].items():
         print(f"{side:5s} " + "  ".join(f"{panel} {m:.3f} ± {se:.3f}" for panel, (m, se) in values.items()))
@@ -203,7 +220,7 @@ def main() -> None:
         print(
             f"ours {ours:.3f} vs TRL {trl:.3f} − 2·{trl_se:.3f}: {'met' if summary['ours_at_least_trl_minus_2se'] else 'missed'}"
         )
-    plot(sides, out / "reward_curves.png", summary["seconds"])
+    plot(sides, out / "reward_curves.png", summary["seconds"], list(panels))
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"figure: {out / 'reward_curves.png'}\nsummary: {summary_path}")
 

@@ -277,7 +277,14 @@ def _style(args: argparse.Namespace):
         import yaml
 
         recipe = yaml.safe_load(Path(args.prompt_from).read_text(encoding="utf-8")) or {}
-        prompt = recipe.get("model", {}).get("prompt", {})
+        model = recipe.get("model") or {}
+        moved = sorted({"system_prompt", "user_template"} & set(model.get("grpo") or {}))
+        if moved:
+            raise ValueError(
+                f"{args.prompt_from}: model.grpo.{moved[0]} is an old key; the prompt now lives under model.prompt "
+                f"(model.prompt.{moved[0]})"
+            )
+        prompt = model.get("prompt") or {}
         style = PromptConfig(
             prompt.get("system_prompt", style.system_prompt), prompt.get("user_template", style.user_template)
         )
@@ -347,8 +354,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         problems = [p for p in problems if p.question not in seen]
         print(f"{len(rows) - len(problems)} problems dropped: they are among {args.held_out_from}'s training problems")
     problems = problems[: args.limit or (200 if args.data == SYNTHETIC else None)]
+    style = _style(args)  # before minutes of loading
     loaded, engine = _open(args)
-    style = _style(args)
     start = time.perf_counter()
     records = evaluate(engine, loaded.tokenizer, problems, max_tokens=args.max_tokens, batch_size=args.batch_size,
                        style=style)  # fmt: skip

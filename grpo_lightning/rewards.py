@@ -140,6 +140,20 @@ def correctness_reward_func(
     ]
 
 
+def last_number_reward_func(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 when the last number anywhere in the completion equals the reference, tags or not.
+
+    Not one of the notebook's five: the correctness that ``grpo evaluate`` calls lenient, as a reward. A weak model
+    that writes no ``<answer>`` tag yet is right in free text far more often than in the format, so this keeps a
+    correctness signal in its groups where the notebook's ``correctness_reward_func`` pays nothing (BENCHMARKS.md
+    §1b, runs H–K).
+    """
+    return [
+        1.0 if (value := last_number(t)) is not None and value == parse_number(str(a)) else 0.0
+        for t, a in zip(_texts(completions), answer, strict=True)
+    ]
+
+
 def int_reward_func(completions: Sequence[Any], *, strict_seed_semantics: bool = False, **kwargs: Any) -> list[float]:
     """0.5 when the extracted answer is an integer (negative and ``1,000``-style included, unless seed semantics)."""
     answers = [extract_xml_answer(t) for t in _texts(completions)]
@@ -446,7 +460,7 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     except (ImportError, AttributeError) as err:
         raise RewardError(
             f"unknown reward function {spec!r}: use one of "
-            f"{[reward_name(f) for f in (*NOTEBOOK_REWARDS, soft_overlong_punishment)]} or an import path "
+            f"{[reward_name(f) for f in (*NOTEBOOK_REWARDS, last_number_reward_func, soft_overlong_punishment)]} or an import path "
             "'package.module:function'"
         ) from err
     if not callable(fn):

@@ -128,6 +128,14 @@ def test_evaluate_takes_the_prompt_of_a_recipe(tiny_checkpoint, tmp_path):
     assert prompt["system_prompt"] == SYSTEM_PROMPT  # the recipe keeps the notebook's system turn
 
 
+def test_a_recipe_with_the_old_prompt_keys_is_refused_before_loading(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  grpo:\n    user_template: '{question} Think.'\n")
+    code = grpo(["evaluate", "--model", "/nonexistent/model", "--data", "synthetic", "--prompt-from", str(old)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.grpo.user_template is an old key" in err and "model.prompt.user_template" in err
+
+
 def test_reasoning_copied_from_the_prompt_is_flagged():
     template = "{question}\n<reasoning>\n(your step-by-step reasoning)\n</reasoning>\n<answer>\n(the final number)\n</answer>\n"
     copied = grade("<reasoning>\n(your step-by-step reasoning)\n</reasoning>\n<answer>\n5\n</answer>\n", "5", template)

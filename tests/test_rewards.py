@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grpo_lightning import rewards as R
+from grpo_lightning.evaluation import grade
 
 GOOD = "<reasoning>\nShe sells 48 + 24.\nSo 72.\n</reasoning>\n<answer>\n72\n</answer>\n"
 ONE_LINE = "<reasoning>\nsum\n</reasoning>\n<answer>\n72\n</answer>\n"
@@ -145,7 +146,7 @@ def test_rewards_and_extractors_never_raise(text):
     R.extract_hash_answer(text)
     R.parse_number(text)
     R.last_number(text)
-    for fn in R.NOTEBOOK_REWARDS:
+    for fn in (*R.NOTEBOOK_REWARDS, R.last_number_reward_func):
         for seed in (False, True):
             (value,) = fn(prompts=[text], completions=[conv(text)], answer=[text], strict_seed_semantics=seed)
             assert math.isfinite(value)
@@ -201,6 +202,15 @@ def test_async_reward_functions_run_and_raise_with_their_name():
     assert out.total == [3.0, 5.0]
     with pytest.raises(R.RewardError, match="'failing' raised RuntimeError: async boom"):
         R.combine_rewards([failing], ["p"], ["x"])
+
+
+def test_last_number_reward_pays_the_lenient_answer_with_or_without_tags():
+    completions = ["3 + 4 = 7 apples.", conv("<answer>\n7\n</answer>\n"), "7 apples, then 8", "$1,200.00", "no number"]
+    values = R.last_number_reward_func(completions=completions, answer=["7", "7", "7", "1200", "7"])
+    assert values == [1.0, 1.0, 0.0, 1.0, 0.0]  # the last number counts, not the first; garbage scores 0
+    assert R.resolve_reward("last_number_reward_func") is R.last_number_reward_func
+    graded = [grade(c, "7").lenient_correct for c in ("3 + 4 = 7 apples.", "7 apples, then 8")]
+    assert graded == [True, False]  # the same rule as the evaluation's lenient accuracy
 
 
 def test_soft_overlong_punishment_is_dapos_and_equals_trls():

@@ -1,0 +1,55 @@
+"""How often a model is right when it samples, at each temperature, with a recipe's prompt (BENCHMARKS.md §1b).
+
+    python benchmarks/sampled_accuracy.py --config configs/smollm2-135m-cpu.yaml --limit 100 --samples 4
+
+GRPO learns only from groups whose completions differ in reward, so the rate at which the *sampled* completions
+of the base model are right (not its greedy accuracy) is what the correctness reward can amplify. For each
+temperature this prints the lenient accuracy (the last number equals the reference, as ``grpo evaluate``), the
+share of completions with an ``<answer>`` tag and the share cut at the token limit, on the recipe's first
+``--limit`` training problems (the recipe's policy, prompt and ``sampling.max_tokens``; temperature 0 is greedy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, action="append", help="training recipe (repeat to overlay files)")
+    parser.add_argument("--limit", type=int, default=100, help="training problems to sample (default: 100)")
+    parser.add_argument("--samples", type=int, default=4, help="completions per problem above temperature 0")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.3, 0.6, 0.9])
+    parser.add_argument("--engine", default="vllm", help="vllm or hf (default: vllm)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from grpo_lightning.cli import main as cli_main
+    from grpo_lightning.data import encode_prompt
+    from grpo_lightning.models import check_loadable, load_model
+    from grpo_lightning.rewards import last_number, parse_number
+    from grpo_lightning.rollout import SamplingConfig, open_engine
+
+    cli = cli_main([arg for path in args.config for arg in ("--config", path)] + ["--data.val_size", "0"], run=False)
+    cli.datamodule.setup("fit")
+    module, problems = cli.model, cli.datamodule.problems[: args.limit]
+    policy = check_loadable(module.policy_config)
+    loaded = load_model(policy.name_or_path, gguf_file=policy.gguf_file)
+    engine = open_engine(loaded, args.engine, seed=0, quiet=True)
+    prompts = [encode_prompt(loaded.tokenizer, p.question, style=module.prompt) for p in problems]
+    print(f"{len(problems)} problems of {' + '.join(args.config)}, ≤ {module.sampling.max_tokens} tokens")
+    print("temperature  samples  lenient accuracy  <answer> tag  truncated")
+    for temperature in args.temperatures:
+        n = 1 if temperature == 0 else args.samples
+        sampling = SamplingConfig(temperature=temperature, max_tokens=module.sampling.max_tokens)
+        rollout = engine.generate(prompts, n=n, sampling=sampling)
+        right = [last_number(t) == parse_number(problems[i // n].answer) for i, t in enumerate(rollout.texts)]
+        tagged = ["<answer>" in t for t in rollout.texts]
+        k = len(rollout.texts)
+        print(f"{temperature:11.1f}  {k:7d}  {sum(right) / k:16.3f}  {sum(tagged) / k:12.3f}  "
+              f"{sum(rollout.truncated) / k:9.2f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -46,13 +46,12 @@ def recipe(config: str, steps: int):
     return cli
 
 
-def curves(config: str) -> dict[str, tuple[str, str]]:
+def curves(funcs: list[str]) -> dict[str, tuple[str, str]]:
     """Panel → (our metric, TRL's log key): the total reward and each of the recipe's rewards named in PANELS
     (none when the recipe has one reward: its panel would repeat the total's)."""
-    funcs = recipe(config, 1).model.rewards.funcs
-    used = {name.removesuffix("_func").replace("_", " "): name for name in PANELS if name in funcs and len(funcs) > 1}
+    used = [name for name in PANELS if name in funcs] if len(funcs) > 1 else []
     return {"total reward": ("train/reward", "reward")} | {
-        panel: (f"train/rewards/{name}", f"rewards/{name}/mean") for panel, name in used.items()
+        name.removesuffix("_func").replace("_", " "): (f"train/rewards/{name}", f"rewards/{name}/mean") for name in used
     }
 
 
@@ -72,7 +71,7 @@ def run_ours(config: str, steps: int, out: Path, panels: dict[str, tuple[str, st
     return seconds
 
 
-def run_trl(config: str, steps: int, out: Path, panels: dict[str, tuple[str, str]]) -> float:
+def run_trl(config: str, steps: int, out: Path) -> float:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +84,7 @@ def run_trl(config: str, steps: int, out: Path, panels: dict[str, tuple[str, str
     cli = recipe(config, steps)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     grpo, sampling, optim, rewards = module.grpo, module.sampling, module.optim, module.rewards
+    panels = curves(rewards.funcs)
     B, G = data.hparams.batch_size, grpo.num_generations
     policy = check_loadable(module.policy_config)
     folder = out / "policy-hf"
@@ -182,10 +182,10 @@ def main() -> None:
     parser.add_argument("--child-trl", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
-    panels = curves(args.config)
     if args.child_trl:
-        print(json.dumps({"seconds": run_trl(args.config, args.steps, out / "trl", panels)}))
+        print(json.dumps({"seconds": run_trl(args.config, args.steps, out / "trl")}))
         return
+    panels = curves(recipe(args.config, 1).model.rewards.funcs)
     summary_path = out / "summary.json"
     for side in filter(None, args.sides.split(",")):
         if side == "ours":

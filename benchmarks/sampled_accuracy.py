@@ -28,7 +28,7 @@ def main() -> None:
     from grpo_lightning.cli import main as cli_main
     from grpo_lightning.data import encode_prompt
     from grpo_lightning.models import check_loadable, load_model
-    from grpo_lightning.rewards import last_number, parse_number
+    from grpo_lightning.rewards import lenient_match
     from grpo_lightning.rollout import SamplingConfig, open_engine
 
     cli = cli_main([arg for path in args.config for arg in ("--config", path)] + ["--data.val_size", "0"], run=False)
@@ -44,7 +44,7 @@ def main() -> None:
         n = 1 if temperature == 0 else args.samples
         sampling = SamplingConfig(temperature=temperature, max_tokens=module.sampling.max_tokens)
         rollout = engine.generate(prompts, n=n, sampling=sampling)
-        right = [last_number(t) == parse_number(problems[i // n].answer) for i, t in enumerate(rollout.texts)]
+        right = [lenient_match(t, problems[i // n].answer) for i, t in enumerate(rollout.texts)]
         tagged = ["<answer>" in t for t in rollout.texts]
         k = len(rollout.texts)
         print(f"{temperature:11.1f}  {k:7d}  {sum(right) / k:16.3f}  {sum(tagged) / k:12.3f}  "

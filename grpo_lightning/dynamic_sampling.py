@@ -1,10 +1,12 @@
 """DAPO's dynamic sampling (Yu et al., 2025, arXiv:2503.14476, §3.2), without Lightning.
 
 A group whose rewards are all equal has zero advantages, so it is dropped and its slot refilled with the group of a
-new training prompt, over up to ``max_rounds`` extra generation rounds. Slots still without signal after the last
-round keep their original group. New prompts are drawn by a generator seeded with (data seed, process, step, round):
-no state to checkpoint, so a resumed run draws exactly what the uninterrupted run drew, and the sampler's data order
-is untouched. Each process refills its own batch.
+new training prompt, over up to ``max_rounds`` extra generation rounds. "Rewards" are the weighted totals, or one
+reward function's values (``metric``): DAPO filters on accuracy, so that an all-wrong group whose format rewards
+differ still makes way. Slots still without signal after the last round keep their original group. New prompts are
+drawn by a generator seeded with (data seed, process, step, round): no state to checkpoint, so a resumed run draws
+exactly what the uninterrupted run drew, and the sampler's data order is untouched. Each process refills its own
+batch.
 """
 
 from __future__ import annotations
@@ -16,11 +18,19 @@ from typing import Any
 import torch
 
 from grpo_lightning.algorithm import constant_groups
-from grpo_lightning.rewards import RewardBreakdown
+from grpo_lightning.rewards import RewardBreakdown, reward_name
 from grpo_lightning.rollout import Rollout
 
 Sample = Callable[[dict[str, list]], tuple[Rollout, RewardBreakdown, float]]
 """``sample(batch) -> (rollout, rewards, seconds)``: G completions per question of ``batch``, scored."""
+
+
+def check_dynamic_sampling_metric(metric: str | None, reward_funcs: Sequence[Any]) -> None:
+    """Refuse a ``grpo.dynamic_sampling_metric`` that names none of the run's reward functions."""
+    names = [reward_name(f) for f in reward_funcs]
+    if metric is not None and metric not in names:
+        raise ValueError(f"grpo.dynamic_sampling_metric={metric!r} is not one of this run's reward functions "
+                         f"(model.rewards.funcs): use one of {names}, or null for the weighted total")  # fmt: skip
 
 
 def draw_problems(problems: Sequence[Any], k: int, *, seed: int, rank: int, step: int, round_: int) -> list[Any]:
@@ -37,12 +47,19 @@ def refill_flat_groups(
     max_rounds: int,
     draw: Callable[[int, int], dict[str, list]],
     sample: Sample,
+    metric: str | None = None,
 ) -> tuple[dict[str, list], Rollout, RewardBreakdown, dict[str, float], float]:
     """The batch, rollout and rewards with flat groups replaced where new prompts gave signal; the round's metrics
-    (``groups_dropped``, ``rounds``) and the seconds its extra rollouts took. ``draw(k, round)``: a batch of k new problems."""
+    (``groups_dropped``, ``rounds``) and the seconds its extra rollouts took. ``draw(k, round)``: a batch of k new problems;
+    ``metric``: the reward function whose values decide (None: the weighted total)."""
     G, B = rollout.group_size, len(batch["question"])
+
+    def flat_groups(scored: RewardBreakdown) -> list[bool]:  # [B]
+        values = scored.total if metric is None else scored.per_function[metric]
+        return constant_groups(torch.tensor(values), G).tolist()
+
     parts = [(batch, rollout, rewards)]
-    flat = constant_groups(torch.tensor(rewards.total), G).tolist()  # [B]
+    flat = flat_groups(rewards)
     refills: list[tuple[int, int]] = []  # (part, group) of new groups with signal
     seconds, rounds, generated_flat = 0.0, 0, 0
     while len(refills) < sum(flat) and rounds < max_rounds:
@@ -51,7 +68,7 @@ def refill_flat_groups(
         extra_rollout, extra_rewards, extra_seconds = sample(extra)
         seconds += extra_seconds
         parts.append((extra, extra_rollout, extra_rewards))
-        extra_flat = constant_groups(torch.tensor(extra_rewards.total), G).tolist()
+        extra_flat = flat_groups(extra_rewards)
         refills += [(len(parts) - 1, g) for g, no_signal in enumerate(extra_flat) if not no_signal]
         generated_flat += sum(extra_flat)
     queue = iter(refills)

@@ -30,7 +30,7 @@ from grpo_lightning.config import (
 )
 from grpo_lightning.data import Problem, collate_problems, encode_prompt, prompt_messages
 from grpo_lightning.distributed import gathered, gathered_values, gradient_sync, shard, sharding_mesh
-from grpo_lightning.dynamic_sampling import draw_problems, refill_flat_groups
+from grpo_lightning.dynamic_sampling import check_dynamic_sampling_metric, draw_problems, refill_flat_groups
 from grpo_lightning.evaluation import PROBLEM_METRICS, evaluate, problem_metrics
 from grpo_lightning.logprobs import completion_logprobs, micro_batches, pack, sequence_logprobs
 from grpo_lightning.metrics import PROGRESS_BAR, StepRecord, StepStats, step_metrics
@@ -78,6 +78,7 @@ class GRPOModule(L.LightningModule):
         self.policy_config, self.grpo, self.prompt, self.rewards = policy, grpo, prompt, rewards
         self.sampling, self.optim, self.performance, self.lora = sampling, optim, performance, lora
         self.reward_funcs = [resolve_reward(spec) for spec in rewards.funcs]
+        check_dynamic_sampling_metric(grpo.dynamic_sampling_metric, self.reward_funcs)
         self.save_hyperparameters()
         self.eval_metrics = torch.nn.ModuleDict({f"{s}/{n}": MeanMetric() for s in ("val", "test") for n in PROBLEM_METRICS})  # fmt: skip
         # vLLM returns the sampled tokens' log-probs almost for free: the mismatch they reveal is always logged
@@ -142,7 +143,7 @@ class GRPOModule(L.LightningModule):
         if self.grpo.dynamic_sampling_max_rounds:  # DAPO: groups with equal rewards make way for new prompts' groups
             batch, rollout, rewards, refill, seconds = refill_flat_groups(
                 batch, rollout, rewards, max_rounds=self.grpo.dynamic_sampling_max_rounds, draw=self.draw_problems,
-                sample=self.sample)  # fmt: skip
+                sample=self.sample, metric=self.grpo.dynamic_sampling_metric)  # fmt: skip
             rollout_seconds += seconds
         advantages = group_advantages(torch.tensor(rewards.total), G, self.grpo.advantage_scale).to(self.device)  # [N]
         prompts = rollout.row_prompts()  # N

@@ -157,6 +157,52 @@ def last_number_reward_func(completions: Sequence[Any], answer: Sequence[str], *
     return [1.0 if lenient_match(t, str(a)) else 0.0 for t, a in zip(_texts(completions), answer, strict=True)]
 
 
+def format_when_right_reward_func(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """The notebook's three format rewards summed (xmlcount + soft + strict, at most 1.5), paid only when the last
+    number of the completion equals the reference.
+
+    Not one of the notebook's five. Paid unconditionally, the format rewards made a small model copy the prompt's
+    layout or worked example, which earns them with no arithmetic at all (BENCHMARKS.md §1b, runs A–H); gated by the
+    answer, a copy earns nothing and the format is learned only on completions that are right.
+    """
+    texts = _texts(completions)
+    return [v if lenient_match(t, str(a)) else 0.0 for v, t, a in zip(_layout(texts), texts, answer, strict=True)]
+
+
+def grounded_format_reward_func(completions: Sequence[Any], question: Sequence[str], **kwargs: Any) -> list[float]:
+    """The notebook's three format rewards summed (at most 1.5), paid only when the reasoning mentions every number
+    of the question.
+
+    Not one of the notebook's five. A copy of the prompt's layout or worked example holds the example's numbers, not
+    the question's, so it earns nothing; unlike :func:`format_when_right_reward_func` a wrong answer in the format
+    is still paid, which keeps a format signal for a model that is rarely right. The reasoning is what follows
+    ``<reasoning>`` up to ``</reasoning>`` (the whole completion without the tag): numbers restated before the tag
+    do not count, or a model learns to restate the question and then copy the example (run P, BENCHMARKS.md §1b).
+    """
+    texts = _texts(completions)
+    grounded = [_numbers(str(q)) <= _numbers(_reasoning_part(t)) for q, t in zip(question, texts, strict=True)]
+    return [v if g else 0.0 for v, g in zip(_layout(texts), grounded, strict=True)]
+
+
+def _reasoning_part(text: str) -> str:
+    start = text.find("<reasoning>")
+    if start < 0:
+        return text
+    end = text.find("</reasoning>", start)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def _layout(texts: list[str]) -> list[float]:
+    soft, strict = soft_format_reward_func(texts), strict_format_reward_func(texts)
+    return [count_xml(t) + a + b for t, a, b in zip(texts, soft, strict, strict=True)]
+
+
+def _numbers(text: str) -> set[Fraction]:
+    """Magnitudes (in ``28 - 15`` the number is 15, not -15), a list's commas dropped (``24, 4``)."""
+    values = (parse_number(m.rstrip(",")) for m in _NUMBER.findall(text))
+    return {abs(v) for v in values if v is not None}
+
+
 def int_reward_func(completions: Sequence[Any], *, strict_seed_semantics: bool = False, **kwargs: Any) -> list[float]:
     """0.5 when the extracted answer is an integer (negative and ``1,000``-style included, unless seed semantics)."""
     answers = [extract_xml_answer(t) for t in _texts(completions)]
@@ -451,6 +497,15 @@ def _failed(name: str, what: str, n: int, on_error: str, cause: BaseException | 
     return [0.0] * n
 
 
+EXTRA_REWARDS = (
+    last_number_reward_func,
+    format_when_right_reward_func,
+    grounded_format_reward_func,
+    soft_overlong_punishment,
+)
+"""Reward functions of this module beyond the notebook's five (:func:`resolve_reward` resolves them by name)."""
+
+
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     """A reward function from a name in this module or an import path ``package.module:function``."""
     if callable(spec):
@@ -463,7 +518,7 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     except (ImportError, AttributeError) as err:
         raise RewardError(
             f"unknown reward function {spec!r}: use one of "
-            f"{[reward_name(f) for f in (*NOTEBOOK_REWARDS, last_number_reward_func, soft_overlong_punishment)]} or an import path "
+            f"{[reward_name(f) for f in (*NOTEBOOK_REWARDS, *EXTRA_REWARDS)]} or an import path "
             "'package.module:function'"
         ) from err
     if not callable(fn):

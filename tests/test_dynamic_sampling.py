@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from conftest import ScriptedEngine
 
-from grpo_lightning.config import GRPOConfig
+from grpo_lightning.config import GRPOConfig, RewardConfig
 from grpo_lightning.data import Problem, collate_problems
-from grpo_lightning.dynamic_sampling import refill_flat_groups
+from grpo_lightning.dynamic_sampling import check_dynamic_sampling_metric, refill_flat_groups
 from grpo_lightning.module import GRPOModule
 
 PROBLEMS = [Problem(f"question {i}?", str(i), i) for i in range(50)]
@@ -34,11 +35,11 @@ def first_round(module):
     return batch, rollout, module.score(batch, rollout)
 
 
-def refill(module, batch, rollout, rewards):
+def refill(module, batch, rollout, rewards, metric=None):
     """What training_step does with them: (batch, rollout, rewards, metrics), the seconds dropped."""
     max_rounds = module.grpo.dynamic_sampling_max_rounds
     *result, _ = refill_flat_groups(
-        batch, rollout, rewards, max_rounds=max_rounds, draw=module.draw_problems, sample=module.sample
+        batch, rollout, rewards, max_rounds=max_rounds, draw=module.draw_problems, sample=module.sample, metric=metric
     )
     return result
 
@@ -79,3 +80,28 @@ def test_a_batch_with_signal_everywhere_generates_nothing_more(tiny_tokenizer):
     _, new_rollout, _, metrics = refill(module, batch, rollout, rewards)
     assert len(module.rollout.engine.calls) == 1 and metrics["rounds"] == 0
     assert new_rollout.texts == rollout.texts
+
+
+def length(completions, **kwargs):
+    return [float(len(completion[-1]["content"])) for completion in completions]
+
+
+def test_a_metric_drops_groups_flat_in_that_reward_whatever_the_others_do(tiny_tokenizer):
+    texts = ["good", "bad", "bad", "bad!"]  # group 1: all wrong, but its lengths differ
+    texts += ["good", "bad"]  # the refill, when group 1 counts as flat
+    module = module_with(texts, tiny_tokenizer, max_rounds=1)
+    module.reward_funcs = [good, length]
+    batch, rollout, rewards = first_round(module)
+    _, kept, _, metrics = refill(module, batch, rollout, rewards)  # on the total, group 1 has signal
+    assert metrics["rounds"] == 0 and kept.texts == texts[:4]
+    _, refilled, _, metrics = refill(module, batch, rollout, rewards, metric="good")  # on correctness, it has none
+    assert metrics == {"groups_dropped": 1.0, "rounds": 1.0} and refilled.texts == ["good", "bad", "good", "bad"]
+
+
+def test_a_metric_must_name_one_of_the_runs_reward_functions():
+    check_dynamic_sampling_metric(None, [good])
+    check_dynamic_sampling_metric("good", [good, length])
+    with pytest.raises(ValueError, match=r"dynamic_sampling_metric='accuracy'.*\['last_number_reward_func'\]"):
+        GRPOModule(
+            grpo=GRPOConfig(dynamic_sampling_metric="accuracy"), rewards=RewardConfig(funcs=["last_number_reward_func"])
+        )

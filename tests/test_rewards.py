@@ -146,9 +146,11 @@ def test_rewards_and_extractors_never_raise(text):
     R.extract_hash_answer(text)
     R.parse_number(text)
     R.last_number(text)
-    for fn in (*R.NOTEBOOK_REWARDS, R.last_number_reward_func):
+    gated = (R.last_number_reward_func, R.format_when_right_reward_func, R.grounded_format_reward_func)
+    for fn in (*R.NOTEBOOK_REWARDS, *gated):
         for seed in (False, True):
-            (value,) = fn(prompts=[text], completions=[conv(text)], answer=[text], strict_seed_semantics=seed)
+            kwargs = dict(answer=[text], question=[text], strict_seed_semantics=seed)
+            (value,) = fn(prompts=[text], completions=[conv(text)], **kwargs)
             assert math.isfinite(value)
 
 
@@ -211,6 +213,34 @@ def test_last_number_reward_pays_the_lenient_answer_with_or_without_tags():
     assert R.resolve_reward("last_number_reward_func") is R.last_number_reward_func
     graded = [grade(c, "7").lenient_correct for c in ("3 + 4 = 7 apples.", "7 apples, then 8")]
     assert graded == [True, False]  # the same rule as the evaluation's lenient accuracy
+
+
+def test_format_when_right_pays_the_format_rewards_only_on_right_answers():
+    strict, copied = (
+        "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n",
+        "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n",
+    )
+    completions = [strict, strict, copied, "<reasoning>\n3 + 4 = 7", "3 + 4 = 7"]
+    values = R.format_when_right_reward_func(
+        completions=[conv(c) for c in completions], answer=["7", "8", "7", "7", "7"]
+    )
+    assert values == [1.5, 0.0, 0.0, 0.125, 0.0]  # full format when right; nothing when wrong or when no number
+    assert values[0] == sum(
+        f([strict])[0] for f in (R.xmlcount_reward_func, R.soft_format_reward_func, R.strict_format_reward_func)
+    )
+    assert R.resolve_reward("format_when_right_reward_func") is R.format_when_right_reward_func
+
+
+def test_grounded_format_pays_the_format_only_when_the_question_numbers_appear():
+    question = "Chen has 24 marbles, finds 4 more and then gives 15 to a friend. How many marbles are left?"
+    wrong = "<reasoning>\n24 + 4 = 28, 28 - 15 = 12\n</reasoning>\n<answer>\n12\n</answer>\n"
+    example = "<reasoning>\nA box holds 4 pens and Mia buys 3 boxes, so 4 * 3 = 12 pens.\n</reasoning>\n<answer>\n12\n</answer>\n"
+    restated = "Chen has 24, finds 4, gives 15.\n" + example
+    completions = [wrong, example, restated, "<reasoning>\n24, 4 and 15", "24 + 4 - 15 = 13"]
+    values = R.grounded_format_reward_func(completions=[conv(c) for c in completions], question=[question] * 5)
+    assert values == [1.5, 0.0, 0.0, 0.125, 0.0]  # a wrong answer in the format is paid, a copied example is not,
+    # even after restating the question's numbers before the reasoning tag
+    assert R.resolve_reward("grounded_format_reward_func") is R.grounded_format_reward_func
 
 
 def test_soft_overlong_punishment_is_dapos_and_equals_trls():

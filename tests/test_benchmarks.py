@@ -32,9 +32,12 @@ def test_learning_vs_trl_runs_both_sides_and_draws_the_figure(tmp_path):
 def test_sampled_accuracy_prints_one_row_per_temperature(tmp_path):
     config = demo_config(tmp_path, data={"val_size": 0}, model={"sampling.max_tokens": 4})
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampled_accuracy.py"), "--config", str(config),
-                             "--limit", "3", "--samples", "2", "--temperatures", "0", "0.9", "--engine", "hf"],
+                             "--limit", "3", "--samples", "2", "--temperatures", "0", "0.9", "--engine", "hf",
+                             "--response-prefix", "<reasoning>\nx\n</reasoning>\n"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [line.split() for line in result.stdout.splitlines() if line[:1] == " " and line.split()[0][0].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("0.0", "3"), ("0.9", "6")]  # greedy: one per problem; else --samples
-    assert all(0 <= float(r[2]) <= 1 and float(r[4]) == 1.0 for r in rows)  # 4 tokens: every completion cut
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[2:])
+    assert all(float(r[4]) == 1.0 for r in rows)  # the prefix is part of every scored completion: the tag is closed
+    assert all(float(r[-1]) == 1.0 for r in rows)  # 4 tokens: every completion cut

@@ -178,6 +178,7 @@ def grounded_format_reward_func(completions: Sequence[Any], question: Sequence[s
     is still paid, which keeps a format signal for a model that is rarely right. The reasoning is what follows
     ``<reasoning>`` up to ``</reasoning>`` (the whole completion without the tag): numbers restated before the tag
     do not count, or a model learns to restate the question and then copy the example (run P, BENCHMARKS.md §1b).
+    SmolLM2-135M still earned it by echoing the prompt's "inside <reasoning>" and learned no format (runs Q–T).
     """
     texts = _texts(completions)
     grounded = [_numbers(str(q)) <= _numbers(_reasoning_part(t)) for q, t in zip(question, texts, strict=True)]

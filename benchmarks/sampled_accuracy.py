@@ -58,10 +58,11 @@ def main() -> None:
         sampling = SamplingConfig(temperature=temperature, max_tokens=module.sampling.max_tokens)
         rollout = engine.generate(prompts, n=n, sampling=sampling)
         texts = [args.response_prefix + t for t in rollout.texts]
-        right = [lenient_match(t, problems[i // n].answer) for i, t in enumerate(texts)]
+        answers = [problems[i // n].answer for i in range(len(texts))]
+        right = [lenient_match(t, a) for t, a in zip(texts, answers, strict=True)]
         tagged, closed = (["<answer>" in t for t in texts], ["</reasoning>" in t for t in texts])
         soft, strict = ([v > 0 for v in f(texts)] for f in (soft_format_reward_func, strict_format_reward_func))
-        format_if_right = format_when_right_reward_func(texts, [problems[i // n].answer for i in range(len(right))])
+        format_if_right = format_when_right_reward_func(texts, answers)
         k = len(texts)
         print(f"{temperature:11.1f}  {k:7d}  {sum(right) / k:16.3f}  {sum(tagged) / k:12.3f}  {sum(closed) / k:19.3f}  "
               f"{sum(soft) / k:11.3f}  {sum(strict) / k:13.3f}  {sum(format_if_right) / k:17.4f}  "

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -146,7 +147,9 @@ def grpo(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="grpo-lightning: evaluate, ask and publish GRPO models. "
                                      "Training: `grpo train fit --config configs/<recipe>.yaml` (= python train.py …).")  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,preflight,evaluate,infer,export}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,preflight,warmup,evaluate,infer,export}"
+    )
 
     commands.add_parser(
         "train", help="train with GRPO: `grpo train fit --config …` is `python train.py fit --config …`"
@@ -172,6 +175,24 @@ def _parser() -> argparse.ArgumentParser:
         "--engine", choices=("recipe", "hf", "vllm"), default="recipe", help="rollout engine (default: the recipe's)"
     )
     pre.set_defaults(run=_preflight)
+
+    warm = commands.add_parser(
+        "warmup",
+        help="before GRPO: teach a recipe's model the answer format on a few worked solutions (supervised)",
+        epilog="Then train from it: train.py fit --config <recipe> --model.policy.name_or_path <out> "
+        "--model.policy.gguf_file null",
+    )
+    warm.add_argument("--config", required=True, action="append", help="training recipe (YAML): its model and prompt")
+    warm.add_argument("--out", required=True, help="HF folder to write the warmed-up model to")
+    warm.add_argument("--data", default="openai/gsm8k", help="Hub dataset or .jsonl/.parquet file with worked "
+                      "solutions ending in '#### n' (default: openai/gsm8k)")  # fmt: skip
+    warm.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
+    warm.add_argument("--examples", type=_count, default=256, help="the N shortest solutions are used (default: 256)")
+    warm.add_argument("--steps", type=_count, default=32, help="optimizer steps (default: 32)")
+    warm.add_argument("--batch-size", type=_count, default=8, help="examples per step (default: 8)")
+    warm.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, warmup + cosine (default: 5e-5)")
+    warm.add_argument("--overwrite", action="store_true", help="replace --out even if it holds files we did not write")
+    warm.set_defaults(run=_warmup)
 
     ev = commands.add_parser("evaluate", help="GSM8K accuracy and format rates of a model (greedy decoding)")
     _model_arguments(ev)
@@ -337,6 +358,27 @@ def _preflight(args: argparse.Namespace) -> int:
         )
         print("\n".join(f"  - {tip}" for tip in advice), file=sys.stderr)
         return 1
+    return 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    from grpo_lightning.data import load_rows
+    from grpo_lightning.models import check_loadable, load_tokenizer
+    from grpo_lightning.warmup import warm_up, warmup_examples
+
+    module = _recipe(*args.config).model
+    policy = check_loadable(module.policy_config)
+    examples = warmup_examples(load_rows(args.data, args.split), load_tokenizer(policy), count=args.examples,
+                               max_tokens=module.sampling.max_tokens, style=module.prompt, source=args.data)  # fmt: skip
+    optim = dataclasses.replace(module.optim, lr=args.lr, max_grad_norm=1.0)
+    record = {"command": shlex.join(["grpo", *sys.argv[1:]]), "model": policy.name_or_path, "gguf_file": policy.gguf_file,
+              "data": args.data, "split": args.split, "examples": args.examples, "steps": args.steps,
+              "batch_size": args.batch_size, "lr": args.lr}  # fmt: skip
+    start = time.perf_counter()
+    folder = warm_up(policy, examples, args.out, steps=args.steps, batch_size=args.batch_size, optim=optim,
+                     precision=resolve_precision("auto").precision, record=record, overwrite=args.overwrite)  # fmt: skip
+    print(f"warmed-up model: {folder} ({time.perf_counter() - start:.0f} s)")
+    print(f"train from it: --model.policy.name_or_path {folder} --model.policy.gguf_file null")
     return 0
 
 

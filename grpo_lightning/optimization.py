@@ -1,5 +1,6 @@
-"""The optimizer and its schedule, for :class:`grpo_lightning.module.GRPOModule` only (no Lightning): AdamW with
-decay on matrices, linear warmup then cosine decay, and what resuming with another step budget does to it."""
+"""The optimizer and its schedule, for the LightningModules only (``GRPOModule``, and ``WarmupModule`` before it; no
+Lightning here): AdamW with decay on matrices, linear warmup then cosine decay, and what resuming with another step
+budget does to it."""
 
 from __future__ import annotations
 

@@ -84,6 +84,7 @@ def test_only_rollout_imports_vllm():
     assert users == {"rollout"}
 
 
-def test_only_the_module_builds_optimizers():
+def test_only_the_lightning_modules_build_optimizers():
+    """GRPOModule, and WarmupModule for the supervised stage before it; no callback, engine or CLI code."""
     users = {name for name, deps in graph().items() if "optimization" in deps}
-    assert users == {"module"}
+    assert users == {"module", "warmup"}

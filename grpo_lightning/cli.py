@@ -132,7 +132,7 @@ def grpo(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.command != "preflight":
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    args.overrides = overrides
+    args.overrides, args.argv = overrides, argv
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -371,7 +371,7 @@ def _warmup(args: argparse.Namespace) -> int:
     examples = warmup_examples(load_rows(args.data, args.split), load_tokenizer(policy), count=args.examples,
                                max_tokens=module.sampling.max_tokens, style=module.prompt, source=args.data)  # fmt: skip
     optim = dataclasses.replace(module.optim, lr=args.lr, max_grad_norm=1.0)
-    record = {"command": shlex.join(["grpo", *sys.argv[1:]]), "model": policy.name_or_path, "gguf_file": policy.gguf_file,
+    record = {"command": shlex.join(["grpo", *args.argv]), "model": policy.name_or_path, "gguf_file": policy.gguf_file,
               "data": args.data, "split": args.split, "examples": args.examples, "steps": args.steps,
               "batch_size": args.batch_size, "lr": args.lr}  # fmt: skip
     start = time.perf_counter()

@@ -70,6 +70,7 @@ def test_grpo_warmup_command_writes_the_model_and_refuses_a_foreign_folder(tmp_p
     assert "--model.policy.name_or_path" in capsys.readouterr().out
     record = json.loads((tmp_path / "warm" / "warmup.json").read_text())
     assert (record["examples"], record["steps"], len(record["losses"])) == (8, 2, 2)
+    assert record["command"].startswith("grpo warmup --config ") and "--examples 8" in record["command"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

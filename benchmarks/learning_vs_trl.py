@@ -1,13 +1,13 @@
 """The same GRPO training run on our trainer and on TRL 1.16's GRPOTrainer: reward curves side by side.
 
     pip install -e ".[bench]"                                   # trl, pinned
-    python benchmarks/learning_vs_trl.py --config configs/smollm2-135m-gsm8k-learn.yaml --steps 100
+    python benchmarks/learning_vs_trl.py --config configs/smollm2-135m-warm.yaml --steps 50
 
 Both sides get what the recipe says: the same model weights (a GGUF policy is written once as an HF folder both
 load), the same training problems in the same order (our seeded sampler's order, handed to TRL unshuffled), the
-same prompt (system prompt + user template through the chat template), reward functions and weights, G, B,
-sampling temperature and length, learning rate and schedule (warmup ratio, cosine), AdamW betas and weight
-decay, β, clipping ε, gradient accumulation, gradient-norm clipping, precision, loss "grpo", the notebook's KL form
+same prompt (system prompt + user template through the chat template), reward functions, their keyword arguments
+(``rewards.strict_seed_semantics``, ``rewards.kwargs``) and weights, G, B, sampling temperature and length, learning
+rate and schedule (warmup ratio, cosine), AdamW betas and weight decay, β, clipping ε, gradient accumulation, gradient-norm clipping, precision, loss "grpo", the notebook's KL form
 (TRL: ``use_bias_correction_kl=False``) and the number of optimizer steps. Validation is off on both sides. TRL
 generates with transformers ``generate`` (its vLLM modes do not run on CPU); ours uses the recipe's engine.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PANELS = ("strict_format_reward_func", "correctness_reward_func", "last_number_reward_func")  # drawn when used
@@ -110,7 +112,11 @@ def run_trl(config: str, steps: int, out: Path) -> float:
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    trl = GRPOTrainer(model=model, reward_funcs=list(module.reward_funcs), args=args, train_dataset=dataset,
+    fixed = dict(
+        strict_seed_semantics=rewards.strict_seed_semantics, max_completion_len=sampling.max_tokens, **rewards.kwargs
+    )  # what our side passes every reward function besides TRL's arguments
+    funcs = [with_arguments(f, fixed) for f in module.reward_funcs]
+    trl = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                       processing_class=tokenizer)  # fmt: skip
     start = time.perf_counter()
     trl.train()
@@ -119,6 +125,16 @@ def run_trl(config: str, steps: int, out: Path) -> float:
     write_rows(out / "metrics.csv", [{"step": h["step"], **{panel: h[key] for panel, (_, key) in panels.items()}}
                                      for h in logged])  # fmt: skip
     return seconds
+
+
+def with_arguments(func: Any, fixed: dict[str, Any]) -> Any:
+    """``func`` called with ``fixed`` keyword arguments too, under its own name (TRL logs each reward by name)."""
+
+    @functools.wraps(func)
+    def reward(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs, **fixed)
+
+    return reward
 
 
 def write_seconds(summary_path: Path, side: str, seconds: float) -> None:

@@ -3,7 +3,8 @@
     python benchmarks/paired_eval.py eval/base-gsm8k500 eval/trained-gsm8k500
 
 For each per-problem field: both means with 95 % intervals, and the mean difference with the 95 % interval of the
-paired differences (1.96 standard errors), over the problems both folders graded.
+paired differences (1.96 standard errors), over the problems both folders graded. A field that either folder's
+records lack (made before the field existed) is left out.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-FIELDS = ("strict_correct", "lenient_correct", "strict_format", "soft_format", "reasoning_copied",
-          "completion_tokens", "reasoning_tokens")  # fmt: skip
+FIELDS = ("strict_correct", "lenient_correct", "strict_format", "soft_format", "notebook_strict_format",
+          "reasoning_copied", "completion_tokens", "reasoning_tokens")  # fmt: skip
 
 
 def records(folder: str) -> dict[int, dict]:
@@ -35,7 +36,7 @@ def compare(base_dir: str, other_dir: str) -> dict[str, dict[str, tuple[float, f
     if not shared:
         raise SystemExit(f"paired_eval: {base_dir} and {other_dir} graded no problem in common")
     table = {}
-    for field in FIELDS:
+    for field in (f for f in FIELDS if f in base[shared[0]] and f in other[shared[0]]):
         b = [float(base[i][field]) for i in shared]
         o = [float(other[i][field]) for i in shared]
         diff = [y - x for x, y in zip(b, o, strict=True)]

@@ -1,11 +1,13 @@
 """GSM8K evaluation: greedy answers through a rollout engine, graded as in training.
 
 The prompt (system prompt + chat template) and the answer extraction are the ones training uses, so a
-base model and a trained one are compared on equal terms. Each completion gets four grades:
+base model and a trained one are compared on equal terms. Each completion gets five grades:
 
 - ``strict_correct``: it has an ``<answer>`` tag and the text inside equals the reference numerically;
 - ``lenient_correct``: the last number anywhere in the completion equals the reference;
 - ``strict_format`` / ``soft_format``: the notebook's two format checks (multi-line fix applied);
+- ``notebook_strict_format``: the notebook's strict check exactly as it runs there (no ``re.DOTALL``: the reasoning
+  must be one line);
 
 and two signs of collapse: ``reasoning_tokens`` and ``reasoning_copied`` (the reasoning is empty or a placeholder
 copied from the prompt's instructions, such as ``...``).
@@ -34,7 +36,8 @@ from grpo_lightning.rollout import RolloutEngine, SamplingConfig
 
 PROBLEM_METRICS = {  # metric → the per-problem value of a graded record it averages; one name everywhere
     "strict_accuracy": "strict_correct", "lenient_accuracy": "lenient_correct", "strict_format_rate": "strict_format",
-    "soft_format_rate": "soft_format", "completion_length": "completion_tokens", "reasoning_length": "reasoning_tokens",
+    "soft_format_rate": "soft_format", "notebook_strict_format_rate": "notebook_strict_format",
+    "completion_length": "completion_tokens", "reasoning_length": "reasoning_tokens",
     "reasoning_copied_rate": "reasoning_copied",
 }  # fmt: skip
 """What ``grpo evaluate`` summarises and validation logs (``val/strict_accuracy``, …), from the same records."""
@@ -55,6 +58,8 @@ class Grade:
     lenient_correct: bool
     strict_format: bool
     soft_format: bool
+    notebook_strict_format: bool
+    """The notebook's strict pattern as it runs there, without ``re.DOTALL``: one-line reasoning only."""
     reasoning: str | None
     """Text inside the first <reasoning> tag (None without one)."""
     reasoning_copied: bool
@@ -72,6 +77,7 @@ def grade(completion: str, reference: str, instructions: str = "") -> Grade:
         lenient_correct=lenient_match(completion, reference),
         strict_format=strict_format_reward_func([completion])[0] > 0,
         soft_format=soft_format_reward_func([completion])[0] > 0,
+        notebook_strict_format=strict_format_reward_func([completion], strict_seed_semantics=True)[0] > 0,
         reasoning=reasoning,
         reasoning_copied=reasoning is not None and copied_from(reasoning, instructions),
     )

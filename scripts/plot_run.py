@@ -15,7 +15,8 @@ from pathlib import Path
 PANELS = {
     "reward (mean of the step's completions)": ["train/reward", "train/rewards/xmlcount_reward_func", "train/rewards/strict_format_reward_func",
                                                 "train/rewards/soft_format_reward_func", "train/rewards/correctness_reward_func"],
-    "validation (greedy)": ["val/strict_accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate"],
+    "validation (greedy)": ["val/strict_accuracy", "val/lenient_accuracy", "val/strict_format_rate", "val/soft_format_rate",
+                            "val/notebook_strict_format_rate"],
     "completion length (tokens)": ["train/completion_length"],
     "KL to the reference": ["train/kl"],
 }  # fmt: skip

@@ -29,6 +29,20 @@ def test_learning_vs_trl_runs_both_sides_and_draws_the_figure(tmp_path):
     assert (out / "reward_curves.png").stat().st_size > 10_000
 
 
+def test_trl_side_gets_the_recipes_reward_arguments():
+    """TRL calls reward functions with its own arguments only: the recipe's (here the notebook's exact semantics, whose
+    strict format wants one-line reasoning) are bound to each function, under the name TRL logs it by."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from learning_vs_trl import with_arguments
+
+    from grpo_lightning.rewards import strict_format_reward_func
+
+    two_lines = "<reasoning>\na\nb\n</reasoning>\n<answer>\n1\n</answer>\n"
+    notebook = with_arguments(strict_format_reward_func, {"strict_seed_semantics": True})
+    assert notebook.__name__ == "strict_format_reward_func"
+    assert (strict_format_reward_func([two_lines]), notebook(completions=[two_lines])) == ([0.5], [0.0])
+
+
 def test_sampled_accuracy_prints_one_row_per_temperature(tmp_path):
     config = demo_config(tmp_path, data={"val_size": 0}, model={"sampling.max_tokens": 4})
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampled_accuracy.py"), "--config", str(config),

@@ -39,6 +39,13 @@ def test_grade(completion, reference, strict, lenient, strict_fmt, soft_fmt):
     assert g.answer is None if "<answer>" not in completion else g.answer is not None
 
 
+def test_notebook_strict_format_is_the_pattern_read_literally():
+    """The notebook's regex runs without re.DOTALL: multi-line reasoning passes our strict check, not the notebook's."""
+    two_lines = GOOD.replace("3 + 4 = 7", "3 + 4 = 7\nso 7")
+    assert [grade(t, "7").strict_format for t in (GOOD, two_lines)] == [True, True]
+    assert [grade(t, "7").notebook_strict_format for t in (GOOD, two_lines)] == [True, False]
+
+
 def test_evaluate_batches_greedy_and_summarizes(tiny_tokenizer):
     problems = [Problem(f"What is {k} + 0?", str(k), k) for k in range(7)]
     texts = [GOOD.replace("7", str(k)) if k % 2 == 0 else f"maybe {k}" for k in range(7)]
@@ -51,6 +58,7 @@ def test_evaluate_batches_greedy_and_summarizes(tiny_tokenizer):
     assert summary["strict_accuracy"] == pytest.approx(4 / 7)  # the even k answer in format
     assert summary["lenient_accuracy"] == 1.0  # the odd k still end with the right number
     assert summary["strict_format_rate"] == pytest.approx(4 / 7)
+    assert summary["notebook_strict_format_rate"] == pytest.approx(4 / 7)  # GOOD's reasoning is one line
     assert summary["completion_length"] == pytest.approx((1 + 2 + 3 + 1 + 2 + 3 + 1) / 7)
 
 

@@ -24,3 +24,4 @@ def test_paired_evaluation_compares_the_same_problems(tmp_path):
     assert table["strict_correct"]["base"][0] == 0.25 and table["strict_correct"]["other"][0] == 0.75
     mean, half = table["strict_correct"]["difference"]
     assert mean == 0.5 and half > 0  # paired: two problems gained, none lost
+    assert "notebook_strict_format" not in table  # these records predate that grade

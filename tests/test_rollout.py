@@ -93,6 +93,28 @@ def test_update_weights_copies_into_a_separate_engine_model(tiny_checkpoint, tin
     assert synced != stale
 
 
+def test_vllm_weight_sync_sends_the_engines_dtype_and_the_tied_head(tiny_model):
+    """vLLM's loader warns once per tensor when it narrows float32 into a bf16 engine: the sync casts first (the same
+    round-to-nearest), so the engine gets bf16 values and half the bytes; the tied head is sent under its own name."""
+    from types import SimpleNamespace
+
+    from grpo_lightning.rollout import VLLMEngine
+
+    sent = {}
+    engine = VLLMEngine.__new__(VLLMEngine)  # the sync's logic, without starting vLLM (tests/test_vllm.py does that)
+    engine.llm = SimpleNamespace(
+        model_config=SimpleNamespace(dtype=torch.bfloat16),
+        collective_rpc=lambda method, kwargs: sent.update(kwargs["weights_iterator"]),
+        reset_prefix_cache=lambda: None,
+    )
+    engine._asleep, engine.threads = False, torch.get_num_threads()
+    engine.update_weights(tiny_model.named_parameters())
+    params = dict(tiny_model.named_parameters())
+    assert {t.dtype for t in sent.values()} == {torch.bfloat16}
+    assert all(torch.equal(sent[name], p.detach().to(torch.bfloat16)) for name, p in params.items())
+    assert torch.equal(sent["lm_head.weight"], sent["model.embed_tokens.weight"]) and "lm_head.weight" not in params
+
+
 def test_pack_sequences_left_pads_prompts_and_right_pads_completions():
     seqs = pack_sequences([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
     assert seqs.input_ids.tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]

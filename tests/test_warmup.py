@@ -21,13 +21,13 @@ GSM8K_ANSWER = (
 )
 
 
-def test_formatted_solution_is_the_strict_format_with_annotations_dropped():
+def test_formatted_solution_is_the_literal_strict_format_with_annotations_dropped():
     text = formatted_solution(GSM8K_ANSWER)
     assert text == (
-        "<reasoning>\nNatalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+        "<reasoning>\nNatalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May."
         "\n</reasoning>\n<answer>\n1072\n</answer>\n"
     )
-    assert strict_format_reward_func([text]) == [0.5]
+    assert strict_format_reward_func([text], strict_seed_semantics=True) == [0.5]  # the notebook's regex, literally
     assert correctness_reward_func(["?"], [text], ["1072"]) == [2.0]
     assert formatted_solution("no final answer here") is None
     assert formatted_solution("steps\n#### ") is None

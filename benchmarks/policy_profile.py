@@ -6,13 +6,15 @@
 The micro-batch is the recipe's shape: ``--rows`` completions of 40–80 random tokens sharing one 110-token prompt.
 For each variant of `PerformanceConfig` (the default; without the shared prompt forward; without the fused head; a
 4× larger log-prob chunk) it prints the best of 3 timed forward + backward passes, then a forward without gradient,
-then the torch profiler's most expensive operators of one default pass (self time).
+then the pass's time for each completion length in `--lengths` and the fixed cost per micro-batch this implies, then
+the torch profiler's most expensive operators of one default pass (self time).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 import torch
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file ('' for none)")
     parser.add_argument("--rows", type=int, default=8, help="completions in the micro-batch")
     parser.add_argument("--ops", type=int, default=12, help="profiler rows to print")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                        help="completion lengths for the cost-per-length table (none: skip it)")  # fmt: skip
     args = parser.parse_args()
 
     random.seed(0)
@@ -45,32 +49,51 @@ def main() -> None:
     completions = [[random.randrange(vocab) for _ in range(random.randint(40, 80))] for _ in range(args.rows)]
     seqs = pack_sequences([prompt] * args.rows, completions, 0)
 
-    def forward_backward(performance: PerformanceConfig) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logprobs = sequence_logprobs(model, seqs, performance=performance)
-            loss = (logprobs * seqs.completion_mask).sum() / seqs.completion_mask.sum()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
     print(f"{args.rows} rows, {seqs.completion_mask.sum().item()} completion tokens, {torch.get_num_threads()} threads")
     for name, performance in VARIANTS.items():
-        forward_backward(performance)  # warm-up
-        seconds = []
-        for _ in range(3):
-            start = time.perf_counter()
-            forward_backward(performance)
-            seconds.append(time.perf_counter() - start)
-        print(f"  forward + backward, {name:17s} {min(seconds):6.2f} s")
+        timed_pass(model, seqs, performance)  # warm-up
+        seconds = min(timed_pass(model, seqs, performance) for _ in range(3))
+        print(f"  forward + backward, {name:17s} {seconds:6.2f} s")
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         sequence_logprobs(model, seqs)
     print(f"  forward only (no gradient)          {time.perf_counter() - start:6.2f} s")
 
+    if args.lengths:
+        fixed_cost(model, prompt, args.rows, args.lengths)
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        forward_backward(VARIANTS["default"])
+        timed_pass(model, seqs)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
+
+
+def timed_pass(model, seqs, performance: PerformanceConfig = VARIANTS["default"]) -> float:
+    """Seconds of one forward + backward of the micro-batch under bf16 autocast."""
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = sequence_logprobs(model, seqs, performance=performance)
+        loss = (logprobs * seqs.completion_mask).sum() / seqs.completion_mask.sum()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def fixed_cost(model, prompt: list[int], rows: int, lengths: list[int]) -> None:
+    """Forward + backward of ``rows`` completions of exactly T tokens, per T; the line through them at T = 0 is what a
+    micro-batch costs whatever its length (weight casts, weight-sized gradients, per-call kernel overheads)."""
+    vocab, seconds = model.config.vocab_size, []
+    for T in lengths:
+        seqs = pack_sequences([prompt] * rows, [[random.randrange(vocab) for _ in range(T)] for _ in range(rows)], 0)
+        timed_pass(model, seqs)  # warm-up for this shape
+        seconds.append(min(timed_pass(model, seqs) for _ in range(2)))
+        print(f"  forward + backward, T = {T:4d}          {seconds[-1]:6.2f} s")
+    if len(lengths) > 1:
+        slope, intercept = statistics.linear_regression(lengths, seconds)
+        print(
+            f"  per micro-batch at T = 0 (fitted)    {intercept:6.2f} s, then {slope * 1000:.1f} ms per token of each row"
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ with the step's phases timed by wrapping the module's own methods, and for each 
 - weight sync: every weight read once and written once into the engine (2 · 4 bytes per parameter, float32).
 
 The training rate is bf16's where the run trains in bf16, else float32's. `--repo` runs another checkout (e.g. a
-`git worktree` of an earlier commit) in the same way, for before/after ratios measured in one run.
+`git worktree` of an earlier commit) in the same way, for before/after ratios measured in one run (`--repo-config`:
+its recipe, where its config schema differs). Each checkout's raw timings go to `<out>/step_floor-<folder>.json`;
+`--profile` also writes the third step's policy phase by operator (torch profiler) beside them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def machine_rates() -> dict[str, float]:
 def child(args: argparse.Namespace) -> None:
     """In the checkout under test: fit the recipe for --steps steps with every phase timed."""
     sys.path.insert(0, os.getcwd())
+    import torch
+
     from grpo_lightning import cli
     from grpo_lightning.module import GRPOModule
 
@@ -99,6 +103,21 @@ def child(args: argparse.Namespace) -> None:
         return rollout, seconds
 
     GRPOModule.generate = record_shapes
+    if args.profile:  # the policy phase of the third step (a steady one), by operator
+        optimize, calls = GRPOModule.optimize, []
+
+        def profiled(self, *a, **k):
+            calls.append(1)
+            if len(calls) != 3:
+                return optimize(self, *a, **k)
+            with torch.profiler.profile() as prof:
+                result = optimize(self, *a, **k)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"policy-profile-{Path.cwd().name}.txt").write_text(table)
+            return result
+
+        GRPOModule.optimize = profiled
     stamps: list[float] = []
     import lightning as L
 
@@ -141,7 +160,7 @@ def floors(result: dict, rates: dict) -> dict[str, float]:
     }
 
 
-def measure(repo: Path, config: str, steps: int, out: str) -> dict:
+def measure(repo: Path, config: str, steps: int, out: str, profile: bool = False) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2",
            "WANDB_MODE": "disabled", "PYTHONPATH": str(repo)}  # fmt: skip
     cmd = [
@@ -154,7 +173,7 @@ def measure(repo: Path, config: str, steps: int, out: str) -> dict:
         str(steps),
         "--out",
         out,
-    ]
+    ] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{repo}: failed\n{proc.stderr[-4000:]}")
@@ -166,22 +185,29 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "smollm2-135m-cpu.yaml"), help="recipe to time")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps (the first is a warm-up)")
     parser.add_argument("--repo", action="append", default=[], help="also time this checkout (before/after ratios)")
+    parser.add_argument("--repo-config", help="the recipe for the --repo checkouts, if their config schema differs")
     parser.add_argument("--out", default="runs/step-floor", help="scratch run folder")
+    parser.add_argument("--profile", action="store_true", help="write the third step's policy phase by operator "
+                        "to <out>/policy-profile-<checkout folder>.txt")  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    args.out = str(Path(args.out).resolve())  # every checkout's child writes beside the others
     sys.path.insert(0, str(REPO))
     from grpo_lightning.hardware import cpu_description
 
     rates = machine_rates()
     print(f"machine: {cpu_description()}; bf16 matmul {rates['bf16_tflops']:.2f} TFLOP/s, float32 "
           f"{rates['fp32_tflops']:.2f} TFLOP/s, memory {rates['bandwidth_gbs']:.1f} GB/s")  # fmt: skip
-    results = {}
+    steps = []  # (checkout, median s/step): the same checkout may run twice, under two recipes
     for repo in [REPO, *map(Path, args.repo)]:
-        result = measure(repo, args.config, args.steps, args.out)
-        results[str(repo)] = result
+        config = args.config if repo == REPO else args.repo_config or args.config
+        result = measure(repo, config, args.steps, args.out, args.profile)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"step_floor-{repo.name}.json").write_text(json.dumps(result))
         step = statistics.median(result["step_seconds"][1:] or result["step_seconds"])
+        steps.append((f"{repo} {Path(config).name}", step))
         print(f"\n{repo}: {step:.2f} s/step (median of steady steps), precision {result['precision']}, "
               f"{result['threads']} torch threads, {result['params'] / 1e6:.1f} M parameters")  # fmt: skip
         print(f"  {'phase':26s} {'measured s':>10s} {'floor s':>9s} {'ratio':>7s}")
@@ -191,11 +217,9 @@ def main() -> None:
             f = floor.get(phase)
             ratio = f"{measured / f:7.1f}" if f else "      —"
             print(f"  {phase:26s} {measured:10.3f} {f if f else float('nan'):9.3f} {ratio}")
-    if len(results) > 1:
-        steps = {r: statistics.median(v["step_seconds"][1:] or v["step_seconds"]) for r, v in results.items()}
-        base, *others = steps
-        for other in others:
-            print(f"step_ratio={steps[base] / steps[other]:.3f} ({base} / {other})")
+    (base, base_step), *others = steps
+    for other, other_step in others:
+        print(f"step_ratio={base_step / other_step:.3f} ({base} / {other})")
 
 
 if __name__ == "__main__":

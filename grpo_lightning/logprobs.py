@@ -107,5 +107,5 @@ def completion_logprobs(
     with no_autograd:
         for rows in micro_batches(len(completions), num_micro_batches):
             seqs = pack(prompts, completions, rows, pad_id, device)
-            out[rows, : seqs.completion_width] = sequence_logprobs(model, seqs, **options)
+            out[rows, : seqs.completion_width] = sequence_logprobs(model, seqs, **options) * seqs.completion_mask
     return out

@@ -59,9 +59,42 @@ def test_sampled_accuracy_prints_one_row_per_temperature(tmp_path):
 
 def test_policy_profile_times_every_log_prob_path(tiny_checkpoint):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_profile.py"), "--model",
-                             str(tiny_checkpoint), "--gguf-file", "", "--rows", "2", "--ops", "3"],
+                             str(tiny_checkpoint), "--gguf-file", "", "--rows", "2", "--ops", "3", "--lengths", "2", "4"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     timed = [line.split()[-2] for line in result.stdout.splitlines() if line.rstrip().endswith(" s")]
-    assert len(timed) == 5 and all(float(t) > 0 for t in timed)  # four variants and the forward alone
+    assert len(timed) == 7 and all(float(t) > 0 for t in timed)  # 4 variants, the forward alone, T = 2 and 4
+    assert "per micro-batch at T = 0 (fitted)" in result.stdout  # the fixed cost (may round to ±0.00 here)
     assert "Self CPU time total" in result.stdout
+
+
+def test_step_floor_times_every_phase_of_two_checkouts_and_profiles_the_policy(tmp_path):
+    config = demo_config(tmp_path, data={"val_size": 0}, model={"grpo.num_generations": 4, "sampling.max_tokens": 8})
+    out = tmp_path / "sf"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_floor.py"), "--config", str(config),
+                             "--steps", "3", "--out", str(out), "--repo", str(REPO), "--profile"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    text = result.stdout
+    assert text.startswith("machine: ") and "bf16 matmul" in text and "GB/s" in text
+    assert text.count("s/step (median of steady steps)") == 2  # this checkout, then the --repo one
+    for phase in ("generation", "reference forward", "policy fwd+bwd+optimizer", "optimizer"):
+        assert text.count(f"  {phase} ") == 2, phase
+    assert "step_ratio=" in text.splitlines()[-1]
+    recorded = json.loads((out / f"step_floor-{REPO.name}.json").read_text())
+    assert len(recorded["step_seconds"]) == 2 and recorded["params"] > 0  # 3 steps: 2 gaps between their ends
+    assert (
+        "aten::" in (out / f"policy-profile-{REPO.name}.txt").read_text()
+    )  # the third step's policy phase, by operator
+
+
+def test_vs_trl_prints_each_side_and_the_ratios(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the side compared against (pip install -e '.[bench]')")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "vs_trl.py"), "--sizes", "tiny", "--sides",
+                             "trl,hf", "--repeats", "1", "--steps", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert any(line.strip().startswith("trl ") and "s/step" in line for line in lines)
+    assert any(line.strip().startswith("hf ") and "peak RSS" in line for line in lines)
+    assert lines[-1].startswith("ratio_hf=") and "rss_ratio=" in lines[-1] and "size=tiny" in lines[-1]

@@ -47,3 +47,14 @@ def test_the_cli_resolves_a_recipe_without_precision(tmp_path, monkeypatch, flag
 
     cli = main(["--config", str(demo_config(tmp_path))], run=False)
     assert cli.trainer.precision == ("bf16-mixed" if flags is AMX else "32-true")
+
+
+@pytest.mark.parametrize("recipe", ["cpu-demo.yaml", "smollm2-135m-cpu.yaml", "smollm2-135m-warm.yaml"])
+def test_cpu_recipes_leave_both_precisions_to_the_hardware(recipe):
+    """A CPU without native bf16 must get float32 from every CPU recipe: in training and in vLLM-CPU's weights."""
+    import yaml
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "configs" / recipe).read_text())
+    assert "precision" not in config["trainer"]
+    assert config["model"].get("vllm", {}).get("dtype", "auto") == "auto"

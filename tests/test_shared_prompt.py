@@ -76,3 +76,11 @@ def test_reference_and_old_logprobs_run_in_inference_mode(tiny_model, tiny_token
     tiny_model.get_decoder().register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     logp = completion_logprobs(tiny_model, [prompt] * 4, rollout.completion_ids, pad_id=tiny_tokenizer.pad_token_id)
     assert modes and all(modes) and not logp.is_inference()  # usable as a constant in the loss's autograd graph
+
+
+def test_passes_without_gradient_leave_padding_at_zero(tiny_model, tiny_tokenizer):
+    prompt = encode_prompt(tiny_tokenizer, QUESTIONS[1])
+    completions = [[5] * 6, [6, 7]]  # one micro-batch: the second row is padded to the first's 6 tokens
+    logp = completion_logprobs(tiny_model, [prompt] * 2, completions, pad_id=tiny_tokenizer.pad_token_id)
+    assert logp.shape == (2, 6) and (logp[0] < 0).all() and (logp[1, :2] < 0).all()
+    assert (logp[1, 2:] == 0).all()  # the log-probs of pad tokens never leave the pass

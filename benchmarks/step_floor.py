@@ -113,7 +113,6 @@ def child(args: argparse.Namespace) -> None:
             with torch.profiler.profile() as prof:
                 result = optimize(self, *a, **k)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"policy-profile-{Path.cwd().name}.txt").write_text(table)
             return result
 
@@ -194,6 +193,7 @@ def main() -> None:
     if args.child:
         return child(args)
     args.out = str(Path(args.out).resolve())  # every checkout's child writes beside the others
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     from grpo_lightning.hardware import cpu_description
 
@@ -204,7 +204,6 @@ def main() -> None:
     for repo in [REPO, *map(Path, args.repo)]:
         config = args.config if repo == REPO else args.repo_config or args.config
         result = measure(repo, config, args.steps, args.out, args.profile)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"step_floor-{repo.name}.json").write_text(json.dumps(result))
         step = statistics.median(result["step_seconds"][1:] or result["step_seconds"])
         steps.append((f"{repo} {Path(config).name}", step))

@@ -83,9 +83,8 @@ def test_step_floor_times_every_phase_of_two_checkouts_and_profiles_the_policy(t
     assert "step_ratio=" in text.splitlines()[-1]
     recorded = json.loads((out / f"step_floor-{REPO.name}.json").read_text())
     assert len(recorded["step_seconds"]) == 2 and recorded["params"] > 0  # 3 steps: 2 gaps between their ends
-    assert (
-        "aten::" in (out / f"policy-profile-{REPO.name}.txt").read_text()
-    )  # the third step's policy phase, by operator
+    profile = (out / f"policy-profile-{REPO.name}.txt").read_text()  # the third step's policy phase, by operator
+    assert "aten::" in profile
 
 
 def test_vs_trl_prints_each_side_and_the_ratios(tmp_path):

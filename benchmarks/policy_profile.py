@@ -2,6 +2,7 @@
 
     python benchmarks/policy_profile.py                         # SmolLM2-135M-Instruct (GGUF), 8 rows, bf16 autocast
     python benchmarks/policy_profile.py --model path/to/hf-folder --rows 16
+    python benchmarks/policy_profile.py --attention eager --lengths   # another attention kernel, no length table
 
 The micro-batch is the recipe's shape: ``--rows`` completions of 40–80 random tokens sharing one 110-token prompt.
 For each variant of `PerformanceConfig` (the default; without the shared prompt forward; without the fused head; a
@@ -13,11 +14,13 @@ the torch profiler's most expensive operators of one default pass (self time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grpo_lightning.batch import pack_sequences
 from grpo_lightning.config import PerformanceConfig
@@ -40,6 +43,9 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=12, help="profiler rows to print")
     parser.add_argument("--lengths", type=int, nargs="*", default=[8, 16, 32, 64, 128],
                         help="completion lengths for the cost-per-length table (none: skip it)")  # fmt: skip
+    parser.add_argument("--attention", choices=["sdpa", "sdpa-math", "eager"], default="sdpa",
+                        help="attention kernel of every pass (sdpa: transformers' default)")  # fmt: skip
+    parser.add_argument("--compile-layers", action="store_true", help="torch.compile every decoder layer first")
     args = parser.parse_args()
 
     random.seed(0)
@@ -50,6 +56,25 @@ def main() -> None:
     seqs = pack_sequences([prompt] * args.rows, completions, 0)
 
     print(f"{args.rows} rows, {seqs.completion_mask.sum().item()} completion tokens, {torch.get_num_threads()} threads")
+    exact = pass_outputs(model, seqs, bf16=False)
+    with use_attention(model, args.attention):
+        if args.compile_layers:
+            layers = model.get_decoder().layers
+            torch._dynamo.config.recompile_limit = 8 * len(layers)  # a graph per layer index and kind of pass
+            for layer in layers:
+                layer.compile(dynamic=True)
+            print(f"  compiling the layers (first pass)    {timed_pass(model, seqs):6.2f} s")
+        logprobs, grad = pass_outputs(model, seqs)
+        drift = (logprobs - exact[0])[seqs.completion_mask.bool()].abs().max().item()
+        relative = ((grad - exact[1]).norm() / exact[1].norm()).item()
+        print(
+            f"  against float32 SDPA: log-probs max |diff| {drift:.4f}, a weight's gradient {relative:.2%} (relative)"
+        )
+        report(model, seqs, prompt, args)
+
+
+def report(model, seqs, prompt: list[int], args: argparse.Namespace) -> None:
+    """The variants' passes, the forward alone, the cost per length and the operator profile."""
     for name, performance in VARIANTS.items():
         timed_pass(model, seqs, performance)  # warm-up
         seconds = min(timed_pass(model, seqs, performance) for _ in range(3))
@@ -69,14 +94,31 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
 
 
-def timed_pass(model, seqs, performance: PerformanceConfig = VARIANTS["default"]) -> float:
-    """Seconds of one forward + backward of the micro-batch under bf16 autocast."""
-    start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def use_attention(model, kernel: str) -> contextlib.AbstractContextManager:
+    """Switches ``model`` to ``kernel``; the returned context holds SDPA to its math backend for ``sdpa-math``."""
+    model.set_attn_implementation("eager" if kernel == "eager" else "sdpa")
+    return sdpa_kernel([SDPBackend.MATH]) if kernel == "sdpa-math" else contextlib.nullcontext()
+
+
+def pass_outputs(
+    model, seqs, performance: PerformanceConfig = VARIANTS["default"], bf16: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward (under bf16 autocast, or in float32): the log-probs and the middle layer's
+    down-projection gradient, to compare kernels."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logprobs = sequence_logprobs(model, seqs, performance=performance)
         loss = (logprobs * seqs.completion_mask).sum() / seqs.completion_mask.sum()
     loss.backward()
+    layers = model.get_decoder().layers
+    grad = layers[len(layers) // 2].mlp.down_proj.weight.grad.clone()
     model.zero_grad(set_to_none=True)
+    return logprobs.detach(), grad
+
+
+def timed_pass(model, seqs, performance: PerformanceConfig = VARIANTS["default"]) -> float:
+    """Seconds of one forward + backward of the micro-batch under bf16 autocast."""
+    start = time.perf_counter()
+    pass_outputs(model, seqs, performance)
     return time.perf_counter() - start
 
 

@@ -143,6 +143,7 @@ def head_token_logprobs(
     chunk_size: int = 1024,
     *,
     with_entropy: bool = False,
+    mask: torch.Tensor | None = None,  # [N, T] 1 at the positions to compute (the completion mask)
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [N, T] float32 (and [N, T] entropy, no grad)
     """``token_logprobs(hidden @ weight.T, tokens)`` without ever holding the ``[N, T, V]`` logits.
 
@@ -150,7 +151,8 @@ def head_token_logprobs(
     log-prob and dropped; the backward pass recomputes each chunk instead of saving it. Peak extra memory is a
     few ``chunk_size × V`` floats whatever N and T are (benchmarks/logprob_memory.py measures it). The matmul
     runs in the autocast dtype when autocast is on, as ``lm_head`` would. ``with_entropy`` also returns each
-    position's entropy, computed from the same chunks (no extra projection, no gradient).
+    position's entropy, computed from the same chunks (no extra projection, no gradient). With ``mask``, only the
+    masked-in positions reach the head (padding after a short completion costs nothing) and the others are 0.
     """
     if hidden.shape[:-1] != tokens.shape or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
@@ -159,9 +161,15 @@ def head_token_logprobs(
         )
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    flat, entropy = _HeadLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), temperature, chunk_size, dtype, with_entropy
-    )
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # [M] flat positions
+    if kept is not None:
+        flat_hidden, flat_tokens = flat_hidden[kept], flat_tokens[kept]
+    flat, entropy = _HeadLogprobs.apply(flat_hidden, weight, flat_tokens, temperature, chunk_size, dtype, with_entropy)
+    if kept is not None:
+        flat = flat.new_zeros(tokens.numel()).index_copy(0, kept, flat)
+        if with_entropy:
+            entropy = entropy.new_zeros(tokens.numel()).index_copy(0, kept, entropy)
     if not with_entropy:
         return flat.view(tokens.shape)
     return flat.view(tokens.shape), entropy.view(tokens.shape)
@@ -209,13 +217,16 @@ def _taken_logprobs(logits: torch.Tensor, tokens: torch.Tensor, entropy_out: tor
     # A function, so the chunk's [c, V] log-softmax is freed before the next chunk's logits are computed
     logp = torch.log_softmax(logits, dim=-1)  # [c, V]
     if entropy_out is not None:
-        entropy_out.copy_(-(logp.exp() * logp).sum(dim=-1))
+        entropy_out.copy_(_entropy_of(logp))
     return logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:  # [c, V] → [c]
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    return _entropy_of(torch.log_softmax(logits, dim=-1))
+
+
+def _entropy_of(logp: torch.Tensor) -> torch.Tensor:  # [c, V] log-probs → [c]
+    return -logp.exp().mul_(logp).sum(dim=-1)  # one [c, V] temporary, not two: the chunk is 200 MB at V = 49k
 
 
 def _logits_grad(logits, tokens, grad_out, temperature: float, dtype: torch.dtype) -> torch.Tensor:  # [c, V]

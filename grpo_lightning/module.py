@@ -9,6 +9,7 @@ optimization because one step interleaves generation, scoring and (with μ > 1) 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Literal
 
@@ -256,18 +257,29 @@ class GRPOModule(L.LightningModule):
                             num_tokens=num_tokens, micro_batches=micro_batches)  # fmt: skip
 
     def clip_and_step(self, optimizer: Any, scheduler: Any) -> float:
+        """The update and the schedule's step; returns the gradient norm before clipping."""
+        optimizer.step()  # Lightning calls on_before_optimizer_step (the clip) once the gradients are unscaled
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return self.grad_norm
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip the step's gradient to ``optim.max_grad_norm`` (Lightning clips only under automatic optimization).
+
+        Under ``16-mixed`` the gradients carry the loss scale until unscaled: Lightning unscales before this hook,
+        except for optimizers that unscale inside their step (fused AdamW), which are unscaled here."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = gathered(torch.nn.utils.clip_grad_norm_(params, self.optim.max_grad_norm or float("inf")))
-        if not torch.isfinite(grad_norm):  # sharded gradients gave a sharded norm: gathered above
+        self.grad_norm = float(grad_norm)  # sharded gradients gave a sharded norm: gathered above
+        if not math.isfinite(self.grad_norm) and scaler is None:  # a scaler skips the update and lowers its scale
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"non-finite gradient norm at step {self.global_step}: the update was not applied. Resume from the last "
                 "checkpoint with a lower model.optim.lr, or trainer.precision: bf16-mixed instead of bf16-true"
             )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return float(grad_norm)
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         self.evaluate_batch(batch, "val")

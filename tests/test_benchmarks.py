@@ -110,11 +110,11 @@ def test_generation_settings_times_each_setting_in_its_own_engine(tiny_checkpoin
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "unknown setting 'cores=2' in 'cores=2'" in bad.stderr
     result = subprocess.run([sys.executable, script, "--folder", str(tiny_checkpoint), "--settings", "threads=1",
-                             "threads=1,eager,dtype=float32", "--calls", "2"],
+                             "threads=1,eager,dtype=float32,logprobs=0", "--calls", "2"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:2]] == ["threads=1", "threads=1,eager,dtype=float32"]
+    assert [line.split()[0] for line in lines[:2]] == ["threads=1", "threads=1,eager,dtype=float32,logprobs=0"]
     assert all(float(line.split()[1]) > 0 and len(line.split("calls ")[1].split()) == 2 for line in lines[:2])
     ratios = dict(part.rsplit("=", 1) for part in lines[-1].split())
-    assert float(ratios["threads=1"]) == 1.0 and float(ratios["threads=1,eager,dtype=float32"]) > 0
+    assert float(ratios["threads=1"]) == 1.0 and float(ratios["threads=1,eager,dtype=float32,logprobs=0"]) > 0

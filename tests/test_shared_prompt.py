@@ -84,3 +84,46 @@ def test_passes_without_gradient_leave_padding_at_zero(tiny_model, tiny_tokenize
     logp = completion_logprobs(tiny_model, [prompt] * 2, completions, pad_id=tiny_tokenizer.pad_token_id)
     assert logp.shape == (2, 6) and (logp[0] < 0).all() and (logp[1, :2] < 0).all()
     assert (logp[1, 2:] == 0).all()  # the log-probs of pad tokens never leave the pass
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_float32_attention_is_sdpa_when_nothing_is_bf16(tiny_model, tiny_tokenizer, share):
+    """Without autocast the float32 attention is SDPA itself, masks included (padding, shared prompts)."""
+    from grpo_lightning.config import PerformanceConfig
+    from grpo_lightning.models import use_float32_attention
+
+    seqs, performance, results = grouped_batch(tiny_tokenizer), PerformanceConfig(share_prompt_forward=share), []
+    for switch in (False, True):
+        assert not switch or use_float32_attention(tiny_model)
+        tiny_model.zero_grad()
+        logp = sequence_logprobs(tiny_model, seqs, performance=performance)
+        (logp * seqs.completion_mask).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in tiny_model.parameters()]))
+    (plain_logp, plain_grads), (f32_logp, f32_grads) = results
+    assert torch.allclose(f32_logp, plain_logp, atol=1e-6)
+    for got, want in zip(f32_grads, plain_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_float32_attention_under_bf16_autocast(tiny_model, tiny_tokenizer, monkeypatch):
+    """Under bf16 autocast the attention itself runs in float32, autocast off; the log-probs stay near float32's."""
+    from grpo_lightning.models import use_float32_attention
+
+    seqs = grouped_batch(tiny_tokenizer)
+    with torch.no_grad():
+        exact = sequence_logprobs(tiny_model, seqs)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    assert use_float32_attention(tiny_model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = sequence_logprobs(tiny_model, seqs)
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    mask = seqs.completion_mask.bool()
+    assert (logp - exact)[mask].abs().max() < 0.1  # bf16 projections around it
+    tiny_model.set_attn_implementation("eager")
+    assert not use_float32_attention(tiny_model)  # another attention is left alone

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from grpo_lightning.batch import pack_sequences
 from grpo_lightning.config import PerformanceConfig
 from grpo_lightning.logprobs import sequence_logprobs
-from grpo_lightning.models import ModelConfig, check_loadable, load_causal_lm, use_float32_attention
+from grpo_lightning.models import ModelConfig, check_loadable, load_causal_lm
 
 VARIANTS = {
     "default": PerformanceConfig(),
@@ -99,8 +99,27 @@ def use_attention(model, kernel: str) -> contextlib.AbstractContextManager:
     """Switches ``model`` to ``kernel``; the returned context holds SDPA to its math backend for ``sdpa-math``."""
     model.set_attn_implementation("eager" if kernel == "eager" else "sdpa")
     if kernel == "sdpa-float32":
-        use_float32_attention(model)
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register("sdpa-float32", sdpa_in_float32)
+        AttentionMaskInterface.register("sdpa-float32", sdpa_mask)  # without it transformers builds no mask at all
+        model.set_attn_implementation("sdpa-float32")
     return sdpa_kernel([SDPBackend.MATH]) if kernel == "sdpa-math" else contextlib.nullcontext()
+
+
+def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' SDPA attention with autocast off and query, keys and values in float32 (the projections around
+    it keep autocast's bf16); the output in the values' dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(value.dtype), weights
 
 
 def pass_outputs(

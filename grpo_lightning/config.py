@@ -148,8 +148,7 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class PerformanceConfig:
-    """How the log-probs are computed: speed and memory, never the numbers beyond float rounding (the tests hold the
-    fast paths equal to the plain ones; float32 attention is the more precise)."""
+    """How the log-probs are computed: speed and memory only, never the numbers (the tests hold them equal)."""
 
     fused_logprobs: bool = True
     """Compute token log-probs from hidden states and the output head in chunks, never holding [N, T, V] logits."""
@@ -157,8 +156,6 @@ class PerformanceConfig:
     """Rows of N·T per chunk of the log-prob computation (peak extra memory ≈ chunk × V floats)."""
     share_prompt_forward: bool = True
     """Run each distinct prompt once per micro-batch and let its completions share its keys/values (exact)."""
-    float32_attention_on_cpu: bool = True
-    """On CPU, attention in float32 under bf16 autocast: PyTorch's CPU flash-attention backward is ~2× slower in bf16."""
 
     def __post_init__(self) -> None:
         if self.logprob_chunk_size < 1:

@@ -346,39 +346,6 @@ def disable_dropout(model: Any) -> None:
             module.attention_dropout = 0.0
 
 
-FLOAT32_SDPA = "grpo_sdpa_float32"
-"""The name under which :func:`sdpa_in_float32` is registered with transformers' attention functions."""
-
-
-def sdpa_in_float32(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                    **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
-    """Transformers' SDPA attention with autocast off and query, keys and values in float32; the output in the
-    values' dtype. PyTorch's CPU flash-attention backward runs about 2× slower in bf16 than in float32 (BENCHMARKS.md
-    §6), and float32 is the more precise; the projections around it keep autocast's bf16."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-    return out.to(value.dtype), weights
-
-
-def use_float32_attention(model: Any) -> bool:
-    """Switch ``model`` from SDPA to :func:`sdpa_in_float32`; False (unchanged) if it uses another attention."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    AttentionInterface.register(FLOAT32_SDPA, sdpa_in_float32)
-    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # without it transformers builds no mask at all
-    model.set_attn_implementation(FLOAT32_SDPA)
-    return True
-
-
 def whole_model(sharded: Any, lora: LoRAConfig, *, keep: bool) -> Any:
     """An FSDP2-sharded model's weights gathered into one ordinary model (a collective: every process calls it);
     returned where ``keep`` (the process that exports), None elsewhere."""
@@ -391,18 +358,14 @@ def whole_model(sharded: Any, lora: LoRAConfig, *, keep: bool) -> Any:
 
 
 def load_policy(
-    cfg: ModelConfig, lora: LoRAConfig, *, reference: bool, no_dropout: bool, context: int,
-    float32_attention: bool = False,
-) -> tuple[Any, Any]:  # fmt: skip
+    cfg: ModelConfig, lora: LoRAConfig, *, reference: bool, no_dropout: bool, context: int
+) -> tuple[Any, Any]:
     """The policy to train and its frozen reference (the initial weights; None without ``reference`` or with LoRA,
     whose reference is the base model with adapters off). ``context``: longest prompt + completion, checked against
-    the model's positions. ``no_dropout``: dropout off before LoRA adds its own (``lora.dropout`` is kept).
-    ``float32_attention``: both models' SDPA attention in float32 (:func:`sdpa_in_float32`)."""
+    the model's positions. ``no_dropout``: dropout off before LoRA adds its own (``lora.dropout`` is kept)."""
     policy = load_causal_lm(cfg)
     if no_dropout:
         disable_dropout(policy)
-    if float32_attention:
-        use_float32_attention(policy)
     positions = getattr(policy.config, "max_position_embeddings", None)
     if positions and context > positions:
         raise ValueError(f"prompt.max_prompt_length + sampling.max_tokens = {context} exceeds the model's "

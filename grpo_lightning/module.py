@@ -106,11 +106,9 @@ class GRPOModule(L.LightningModule):
                 check_loadable(self.policy_config)
             self.trainer.strategy.barrier("model-files")
         self.tokenizer = load_tokenizer(self.policy_config)
-        on_cpu = (self.trainer.strategy.root_device.type if self._trainer else "cpu") == "cpu"
         self.policy, self.reference = load_policy(self.policy_config, self.lora, reference=self.grpo.beta > 0,
                                                   no_dropout=self.grpo.disable_dropout,
-                                                  context=self.prompt.max_prompt_length + self.sampling.max_tokens,
-                                                  float32_attention=on_cpu and self.performance.float32_attention_on_cpu)  # fmt: skip
+                                                  context=self.prompt.max_prompt_length + self.sampling.max_tokens)  # fmt: skip
         mesh = sharding_mesh(self.trainer.strategy, self.trainer.world_size) if self._trainer else None
         self.sharded = mesh is not None
         for model in (self.policy, self.reference) if self.sharded else ():

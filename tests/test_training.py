@@ -218,16 +218,3 @@ def test_plot_run_draws_the_demo_curves(demo_run, tmp_path):
     png = tmp_path / "curves.png"
     subprocess.run([sys.executable, str(REPO / "scripts" / "plot_run.py"), str(csv_path), str(png)], check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_cpu_training_models_take_float32_attention(tiny_checkpoint, on):
-    from grpo_lightning.config import PerformanceConfig
-    from grpo_lightning.models import FLOAT32_SDPA, ModelConfig
-    from grpo_lightning.module import GRPOModule
-
-    module = GRPOModule(policy=ModelConfig(name_or_path=str(tiny_checkpoint)),
-                        performance=PerformanceConfig(float32_attention_on_cpu=on))  # fmt: skip
-    module.configure_model()
-    want = FLOAT32_SDPA if on else "sdpa"
-    assert module.policy.config._attn_implementation == module.reference.config._attn_implementation == want

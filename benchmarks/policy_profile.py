@@ -97,14 +97,13 @@ def report(model, seqs, prompt: list[int], args: argparse.Namespace) -> None:
 
 def use_attention(model, kernel: str) -> contextlib.AbstractContextManager:
     """Switches ``model`` to ``kernel``; the returned context holds SDPA to its math backend for ``sdpa-math``."""
-    model.set_attn_implementation("eager" if kernel == "eager" else "sdpa")
     if kernel == "sdpa-float32":
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register("sdpa-float32", sdpa_in_float32)
-        AttentionMaskInterface.register("sdpa-float32", sdpa_mask)  # without it transformers builds no mask at all
-        model.set_attn_implementation("sdpa-float32")
+        AttentionInterface.register(kernel, sdpa_in_float32)
+        AttentionMaskInterface.register(kernel, sdpa_mask)  # without it transformers builds no mask at all
+    model.set_attn_implementation(kernel if kernel in ("eager", "sdpa-float32") else "sdpa")
     return sdpa_kernel([SDPBackend.MATH]) if kernel == "sdpa-math" else contextlib.nullcontext()
 
 
